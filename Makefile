@@ -1,0 +1,33 @@
+# Two commands are all a newcomer needs: `make bench` and `make test`.
+# Both set themselves up: a local .venv with the package (editable) and its extras.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test bench bench-full lint clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes, so a second `make test` starts at once.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,notebooks,benchmarks,vae]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+	$(PY) -m pytest --nbmake notebooks -p no:cacheprovider
+
+bench: install
+	$(PY) -m benchmarks --quick
+
+bench-full: install
+	$(PY) -m benchmarks --full
+
+lint: install
+	$(VENV)/bin/ruff check vi_engine benchmarks tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
