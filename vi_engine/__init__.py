@@ -1,0 +1,20 @@
+"""vi_engine: a JAX-accelerated variational inference engine.
+
+Public API, re-exported explicitly; nothing is defined here.
+
+>>> import vi_engine as vi
+"""
+
+# --- measures (information measures on probability tables) ---
+# --- kl (KL between distributions, Monte Carlo estimates, Bayesian surprise) ---
+# --- targets and exact posteriors ---
+# --- families, objectives, fit ---
+from vi_engine.families.base import Family
+
+# --- flows and amortized inference ---
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Family",
+]
