@@ -1,0 +1,42 @@
+"""Variational families: mean-field, full-rank and low-rank Gaussians, normalizing flows.
+
+``get_family`` turns a name ("meanfield", "fullrank", "lowrank", "flow") or a ``Family`` object
+into a ``Family``; new families plug in by being a ``Family`` (or by adding a name here).
+"""
+
+from __future__ import annotations
+
+from vi_engine.families.base import Family
+
+# name -> zero-argument constructor, filled below as families land
+_REGISTRY: dict[str, type] = {}
+
+
+def register_family(name: str, cls: type) -> None:
+    """Make ``vi.fit(target, name, ...)`` build ``cls()``."""
+    _REGISTRY[name] = cls
+
+
+def get_family(family: str | Family) -> Family:
+    """A ``Family`` from a name or a ``Family`` instance.
+
+    >>> get_family("meanfield")  # doctest: +SKIP
+    MeanField(init_scale=0.1)
+    """
+    if isinstance(family, Family):
+        return family
+    if isinstance(family, str):
+        try:
+            return _REGISTRY[family]()
+        except KeyError:
+            known = ", ".join(sorted(_REGISTRY))
+            raise ValueError(
+                f"family: unknown name {family!r}; known families are: {known} "
+                "(or pass a vi_engine Family object)"
+            ) from None
+    raise TypeError(
+        f"family: expected a name (str) or a vi_engine Family, got {type(family).__name__}"
+    )
+
+
+__all__ = ["Family", "get_family", "register_family"]
