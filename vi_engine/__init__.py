@@ -6,6 +6,14 @@ Public API, re-exported explicitly; nothing is defined here.
 """
 
 # --- measures (information measures on probability tables) ---
+from vi_engine.measures import (
+    conditional_entropy,
+    cross_entropy,
+    entropy,
+    js_distance,
+    js_divergence,
+    mutual_information,
+)
 # --- kl (KL between distributions, Monte Carlo estimates, Bayesian surprise) ---
 # --- targets and exact posteriors ---
 # --- families, objectives, fit ---
@@ -16,5 +24,11 @@ from vi_engine.families.base import Family
 __version__ = "0.1.0"
 
 __all__ = [
+    "conditional_entropy",
+    "cross_entropy",
+    "entropy",
+    "js_distance",
+    "js_divergence",
+    "mutual_information",
     "Family",
 ]
