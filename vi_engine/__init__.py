@@ -15,6 +15,15 @@ from vi_engine.measures import (
     mutual_information,
 )
 # --- kl (KL between distributions, Monte Carlo estimates, Bayesian surprise) ---
+from vi_engine.kl import (
+    KLEstimate,
+    KLNotImplementedError,
+    kl_divergence,
+    kl_estimate,
+    register_kl,
+    streaming_surprise,
+    surprise,
+)
 # --- targets and exact posteriors ---
 # --- families, objectives, fit ---
 from vi_engine.families.base import Family
@@ -30,5 +39,12 @@ __all__ = [
     "js_distance",
     "js_divergence",
     "mutual_information",
+    "KLEstimate",
+    "KLNotImplementedError",
+    "kl_divergence",
+    "kl_estimate",
+    "register_kl",
+    "streaming_surprise",
+    "surprise",
     "Family",
 ]

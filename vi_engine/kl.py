@@ -190,7 +190,9 @@ def kl_divergence(p, q, *args, base=None, **kwargs):
         return kl if log_base is None else kl / log_base
     from vi_engine import measures  # lazy: measures sits below kl but may be imported late
 
-    return measures.kl_divergence(p, q, *args, base=base, **kwargs)
+    if base is not None:
+        kwargs["base"] = base
+    return measures.kl_divergence(p, q, *args, **kwargs)
 
 
 def surprise(prior, posterior, *args, base=None, **kwargs):
@@ -210,7 +212,9 @@ def surprise(prior, posterior, *args, base=None, **kwargs):
         return kl_divergence(posterior, prior, base=base)
     from vi_engine import measures
 
-    return measures.surprise(prior, posterior, *args, base=base, **kwargs)
+    if base is not None:
+        kwargs["base"] = base
+    return measures.surprise(prior, posterior, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
