@@ -25,8 +25,13 @@ from vi_engine.kl import (
     surprise,
 )
 # --- targets and exact posteriors ---
+from vi_engine import exact
+from vi_engine.targets import Target
+
 # --- families, objectives, fit ---
-from vi_engine.families.base import Family
+from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family, register_family
+from vi_engine.fit import FitResult, StoppingRule, default_optimizer, fit, fit_many
+from vi_engine.objectives import ELBO, IWAE, Estimate, Renyi, elbo, get_objective, log_weights
 
 # --- flows and amortized inference ---
 
@@ -46,5 +51,24 @@ __all__ = [
     "register_kl",
     "streaming_surprise",
     "surprise",
+    "Target",
+    "exact",
+    "ELBO",
+    "Estimate",
     "Family",
+    "FitResult",
+    "FullRank",
+    "IWAE",
+    "LowRank",
+    "MeanField",
+    "Renyi",
+    "StoppingRule",
+    "default_optimizer",
+    "elbo",
+    "fit",
+    "fit_many",
+    "get_family",
+    "get_objective",
+    "log_weights",
+    "register_family",
 ]

@@ -7,9 +7,10 @@ into a ``Family``; new families plug in by being a ``Family`` (or by adding a na
 from __future__ import annotations
 
 from vi_engine.families.base import Family
+from vi_engine.families.gaussian import FullRank, LowRank, MeanField
 
-# name -> zero-argument constructor, filled below as families land
-_REGISTRY: dict[str, type] = {}
+# name -> zero-argument constructor
+_REGISTRY: dict[str, type] = {"meanfield": MeanField, "fullrank": FullRank, "lowrank": LowRank}
 
 
 def register_family(name: str, cls: type) -> None:
@@ -39,4 +40,4 @@ def get_family(family: str | Family) -> Family:
     )
 
 
-__all__ = ["Family", "get_family", "register_family"]
+__all__ = ["Family", "FullRank", "LowRank", "MeanField", "get_family", "register_family"]
