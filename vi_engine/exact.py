@@ -1,0 +1,471 @@
+"""Problems with an exact posterior and an exact log evidence, to prove fits right.
+
+Each constructor returns an :class:`ExactProblem` ``(target, posterior, log_evidence, name,
+true_params)``:
+
+- ``target``: a :class:`~vi_engine.targets.Target`, log p̃(z) = log p(D, z) on the unconstrained
+  space R^dim (constrained parameters mapped by numpyro's ``biject_to``, log-Jacobian included);
+- ``posterior``: the exact p*(z) = p̃(z) / p(D) as a numpyro ``Distribution`` over the same
+  unconstrained space, ``event_shape == (dim,)``;
+- ``log_evidence``: log p(D), a scalar array.
+
+So ``target(z) - log_evidence == posterior.log_prob(z)`` for every z, and for any q,
+ELBO(q) = log p(D) - KL(q‖p*) (the seed's eq. 5).
+
+Each problem is built from the user's data (``normal_mean``, ``linear_regression``,
+``gaussian``, ``beta_binomial``, ``gamma_poisson``, ``dirichlet_categorical``) or from a seeded
+generator for benchmarks (``make_<name>(key, ...)``, or :func:`make_all`).
+
+References: Bishop (2006) PRML §2.3.6 (normal mean), §3.3, §3.5 (linear regression and its
+evidence); Murphy (2012) MLaPP §3.3–3.5 (beta–binomial, Dirichlet–multinomial), Gelman et al.
+BDA3 §2.6 (gamma–Poisson).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax.scipy.linalg import solve_triangular
+from jax.scipy.special import betaln, gammaln, xlogy
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+
+from vi_engine.targets import Target
+
+__all__ = [
+    "ExactProblem",
+    "normal_mean",
+    "linear_regression",
+    "gaussian",
+    "beta_binomial",
+    "gamma_poisson",
+    "dirichlet_categorical",
+    "make_normal_mean",
+    "make_linear_regression",
+    "make_gaussian",
+    "make_beta_binomial",
+    "make_gamma_poisson",
+    "make_dirichlet_categorical",
+    "make_all",
+]
+
+_LOG_2PI = float(np.log(2 * np.pi))
+
+
+class ExactProblem(NamedTuple):
+    """A target with its exact posterior (over the target's unconstrained space) and evidence.
+
+    Fields:
+        target: the :class:`Target`, ``dim`` = dimension of z.
+        posterior: numpyro Distribution, ``event_shape == (target.dim,)``.
+        log_evidence: ``()`` log p(D).
+        name: a label.
+        true_params: for generated problems, the parameters the data was drawn from
+            (constrained, keyed like the target's sites); ``None`` for user data.
+    """
+
+    target: Target
+    posterior: Any
+    log_evidence: jax.Array
+    name: str
+    true_params: dict | None = None
+
+
+def _dtype(*xs, dtype=None):
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    floats = [x for x in xs if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return jnp.result_type(float, *floats)
+
+
+def _check_finite(name, x):
+    if isinstance(x, jax.core.Tracer):
+        return
+    x = np.asarray(x)
+    bad = int(np.sum(~np.isfinite(x)))
+    if bad:
+        raise ValueError(
+            f"{name} has {bad} NaN/inf entries out of {x.size} (shape {x.shape}); "
+            "drop or impute them first."
+        )
+
+
+def _as(x, dtype, name, ndim=None):
+    x = jnp.asarray(x, dtype)
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s); got shape {x.shape}.")
+    _check_finite(name, x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Normal mean, known variance
+# --------------------------------------------------------------------------------------------
+def _normal_mean_log_joint(z, y, prior_loc, prior_scale, noise_scale):
+    mu = z[0]
+    return dist.Normal(prior_loc, prior_scale).log_prob(mu) + jnp.sum(
+        dist.Normal(mu, noise_scale).log_prob(y)
+    )
+
+
+def normal_mean(y, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0) -> ExactProblem:
+    """Unknown mean μ of Normal data with known noise: μ ~ N(m0, s0²), y_i | μ ~ N(μ, σ²).
+
+    Args:
+        y: ``(n,)`` observations.
+        prior_loc, prior_scale: m0, s0. noise_scale: σ.
+
+    Returns:
+        ExactProblem with ``dim == 1`` (z = [μ]); posterior ``N(m_n, s_n²)`` with
+        ``1/s_n² = 1/s0² + n/σ²``, ``m_n = s_n² (m0/s0² + Σy/σ²)``.
+
+    >>> import jax.numpy as jnp
+    >>> p = normal_mean(jnp.array([0.9, 1.1]), prior_loc=0.0, prior_scale=1.0, noise_scale=0.5)
+    >>> p.target.dim, p.posterior.event_shape
+    (1, (1,))
+    """
+    dtype = _dtype(y, prior_loc, prior_scale, noise_scale)
+    y = _as(y, dtype, "y", ndim=1)
+    m0, s0, sigma = (jnp.asarray(v, dtype) for v in (prior_loc, prior_scale, noise_scale))
+    n = y.shape[0]
+    prec = 1.0 / s0**2 + n / sigma**2
+    post_var = 1.0 / prec
+    post_loc = post_var * (m0 / s0**2 + jnp.sum(y) / sigma**2)
+    post = dist.Normal(post_loc[None], jnp.sqrt(post_var)[None]).to_event(1)
+    target = Target.from_log_density(
+        _normal_mean_log_joint, 1, data=(y, m0, s0, sigma), name="normal_mean"
+    )
+    # Candidate's formula p(D) = p(D|μ) p(μ) / p(μ|D), exact at any μ; take μ = m_n.
+    zstar = post_loc[None]
+    log_ev = target(zstar) - post.log_prob(zstar)
+    return ExactProblem(target, post, log_ev, "normal_mean")
+
+
+def make_normal_mean(
+    key, n=20, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0, dtype=None
+) -> ExactProblem:
+    """A :func:`normal_mean` problem with μ drawn from the prior and ``n`` data points.
+
+    >>> import jax
+    >>> make_normal_mean(jax.random.key(0), n=10).true_params["mu"].shape
+    ()
+    """
+    dtype = _dtype(dtype=dtype)
+    k1, k2 = jax.random.split(key)
+    mu = prior_loc + prior_scale * jax.random.normal(k1, (), dtype)
+    y = mu + noise_scale * jax.random.normal(k2, (n,), dtype)
+    return normal_mean(y, prior_loc, prior_scale, noise_scale)._replace(true_params={"mu": mu})
+
+
+# --------------------------------------------------------------------------------------------
+# Bayesian linear regression, Gaussian prior, known noise
+# --------------------------------------------------------------------------------------------
+def _linreg_log_joint(w, X, y, prior_scale, noise_scale):
+    return jnp.sum(dist.Normal(0.0, prior_scale).log_prob(w)) + jnp.sum(
+        dist.Normal(X @ w, noise_scale).log_prob(y)
+    )
+
+
+def linear_regression(X, y, prior_scale=1.0, noise_scale=1.0) -> ExactProblem:
+    """Bayesian linear regression: w ~ N(0, s0² I_d), y | w ~ N(X w, σ² I_N).
+
+    Posterior N(m, A⁻¹) with precision ``A = I/s0² + XᵀX/σ²`` and ``m = A⁻¹ Xᵀy / σ²``
+    (Cholesky solves). Evidence log N(y; 0, σ² I + s0² X Xᵀ), computed in the d×d form
+    (matrix determinant lemma + Woodbury): ``log det C = 2N log σ + 2d log s0 + log det A``
+    and ``yᵀC⁻¹y = ‖y − X m‖²/σ² + ‖m‖²/s0²`` (a sum of non-negative terms, no cancellation).
+
+    Args:
+        X: ``(N, d)`` design. y: ``(N,)`` responses. prior_scale: s0. noise_scale: σ.
+
+    >>> import jax
+    >>> p = make_linear_regression(jax.random.key(0), n=30, d=3)
+    >>> p.target.dim, p.posterior.event_shape
+    (3, (3,))
+    """
+    dtype = _dtype(X, y, prior_scale, noise_scale)
+    X = _as(X, dtype, "X", ndim=2)
+    y = _as(y, dtype, "y", ndim=1)
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"linear_regression: X has {X.shape[0]} rows but y has {y.shape[0]} entries."
+        )
+    s0 = jnp.asarray(prior_scale, dtype)
+    sigma = jnp.asarray(noise_scale, dtype)
+    n, d = X.shape
+    A = jnp.eye(d, dtype=dtype) / s0**2 + X.T @ X / sigma**2
+    L = jnp.linalg.cholesky(A)
+    b = X.T @ y / sigma**2
+    m = jax.scipy.linalg.cho_solve((L, True), b)
+    # Covariance A⁻¹ = L⁻ᵀ L⁻¹; its Cholesky factor from L without forming an inverse.
+    post = dist.MultivariateNormal(loc=m, precision_matrix=A)
+    r = y - X @ m
+    quad = jnp.sum(r**2) / sigma**2 + jnp.sum(m**2) / s0**2
+    logdet = 2 * n * jnp.log(sigma) + 2 * d * jnp.log(s0) + 2 * jnp.sum(jnp.log(jnp.diag(L)))
+    log_ev = -0.5 * (n * _LOG_2PI + logdet + quad)
+    target = Target.from_log_density(
+        _linreg_log_joint, d, data=(X, y, s0, sigma), name="linear_regression"
+    )
+    return ExactProblem(target, post, log_ev, "linear_regression")
+
+
+def make_linear_regression(
+    key, n=50, d=3, noise_scale=1.0, prior_scale=1.0, dtype=None
+) -> ExactProblem:
+    """A :func:`linear_regression` problem: X ~ N(0, 1), w from the prior, y = Xw + noise.
+
+    >>> import jax
+    >>> make_linear_regression(jax.random.key(1), n=20, d=2).true_params["w"].shape
+    (2,)
+    """
+    dtype = _dtype(dtype=dtype)
+    kx, kw, ke = jax.random.split(key, 3)
+    X = jax.random.normal(kx, (n, d), dtype)
+    w = prior_scale * jax.random.normal(kw, (d,), dtype)
+    y = X @ w + noise_scale * jax.random.normal(ke, (n,), dtype)
+    return linear_regression(X, y, prior_scale, noise_scale)._replace(true_params={"w": w})
+
+
+# --------------------------------------------------------------------------------------------
+# Correlated multivariate Gaussian target
+# --------------------------------------------------------------------------------------------
+def _gaussian_log_density(z, mean, scale_tril, offset):
+    u = solve_triangular(scale_tril, z - mean, lower=True)
+    return offset - 0.5 * jnp.sum(u**2)
+
+
+def gaussian(mean, cov, offset=0.0) -> ExactProblem:
+    """An unnormalized Gaussian target ``log p̃(z) = offset − ½ (z−μ)ᵀ Σ⁻¹ (z−μ)``.
+
+    Its normalizer is known: ``log_evidence = offset + ½ log det(2π Σ)``; the posterior is
+    N(μ, Σ). Useful for mean-field vs full-rank comparisons (reverse KL shrinks variances to
+    1/Λ_ii, Λ = Σ⁻¹).
+
+    Args:
+        mean: ``(d,)``. cov: ``(d, d)`` symmetric positive definite. offset: any constant.
+
+    >>> import jax.numpy as jnp
+    >>> p = gaussian(jnp.zeros(2), jnp.array([[1.0, 0.9], [0.9, 1.0]]), offset=3.0)
+    >>> p.target.dim
+    2
+    """
+    dtype = _dtype(mean, cov, offset)
+    mean = _as(mean, dtype, "mean", ndim=1)
+    cov = _as(cov, dtype, "cov", ndim=2)
+    d = mean.shape[0]
+    if cov.shape != (d, d):
+        raise ValueError(f"gaussian: cov must have shape ({d}, {d}); got {cov.shape}.")
+    L = jnp.linalg.cholesky(cov)
+    if not isinstance(L, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(L))):
+        raise ValueError("gaussian: cov is not symmetric positive definite (Cholesky failed).")
+    offset = jnp.asarray(offset, dtype)
+    post = dist.MultivariateNormal(loc=mean, scale_tril=L)
+    log_ev = offset + 0.5 * d * _LOG_2PI + jnp.sum(jnp.log(jnp.diag(L)))
+    target = Target.from_log_density(
+        _gaussian_log_density, d, data=(mean, L, offset), name="gaussian"
+    )
+    return ExactProblem(target, post, log_ev, "gaussian")
+
+
+def make_gaussian(key, d=5, correlation=0.8, dtype=None) -> ExactProblem:
+    """A :func:`gaussian` problem with a random mean, random scales, an equicorrelation-like
+    covariance (off-diagonal correlation ``correlation``, perturbed) and a random offset.
+
+    >>> import jax
+    >>> make_gaussian(jax.random.key(0), d=4).posterior.event_shape
+    (4,)
+    """
+    dtype = _dtype(dtype=dtype)
+    km, ks, kr, ko = jax.random.split(key, 4)
+    mean = jax.random.normal(km, (d,), dtype)
+    scales = jnp.exp(0.5 * jax.random.normal(ks, (d,), dtype))
+    R = (1 - correlation) * jnp.eye(d, dtype=dtype) + correlation * jnp.ones((d, d), dtype)
+    B = 0.1 * jax.random.normal(kr, (d, d), dtype)
+    R = R + B @ B.T
+    cov = scales[:, None] * R * scales[None, :]
+    offset = 5.0 * jax.random.normal(ko, (), dtype)
+    return gaussian(mean, cov, offset)._replace(true_params={"mean": mean, "cov": cov})
+
+
+# --------------------------------------------------------------------------------------------
+# Conjugate models with constrained parameters: targets through numpyro (biject_to + log|J|)
+# --------------------------------------------------------------------------------------------
+def _unconstrained_posterior(base, support):
+    """``base`` pushed to R^dim by ``biject_to(support).inv``, with event shape ``(dim,)``."""
+    if base.event_shape == ():
+        base = base.expand((1,)).to_event(1)
+    return dist.TransformedDistribution(base, biject_to(support).inv)
+
+
+def _beta_binomial_model(successes, trials, a, b):
+    p = numpyro.sample("p", dist.Beta(a, b))
+    numpyro.sample("successes", dist.Binomial(trials, probs=p), obs=successes)
+
+
+def beta_binomial(successes, trials, a=1.0, b=1.0) -> ExactProblem:
+    """Beta–Binomial: p ~ Beta(a, b), successes_i ~ Binomial(trials_i, p).
+
+    The target lives on z = logit(p) (``dim == 1``); posterior Beta(a + K, b + N − K) pushed
+    to the logit scale, K = Σ successes, N = Σ trials. Evidence
+    ``Σ log C(n_i, k_i) + log B(a + K, b + N − K) − log B(a, b)``.
+
+    Args:
+        successes, trials: ``(n,)`` counts (0 ≤ successes ≤ trials). a, b: prior.
+
+    >>> import jax.numpy as jnp
+    >>> p = beta_binomial(jnp.array([3, 5]), jnp.array([10, 10]), a=2.0, b=2.0)
+    >>> p.target.site_names, p.posterior.event_shape
+    (('p',), (1,))
+    """
+    dtype = _dtype(a, b)
+    k = _as(successes, dtype, "successes", ndim=1)
+    n = _as(trials, dtype, "trials", ndim=1)
+    if k.shape != n.shape:
+        raise ValueError(f"beta_binomial: successes {k.shape} and trials {n.shape} differ.")
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    K, N = jnp.sum(k), jnp.sum(n)
+    post = _unconstrained_posterior(dist.Beta(a + K, b + N - K), constraints.unit_interval)
+    log_binom = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+    log_ev = jnp.sum(log_binom) + betaln(a + K, b + N - K) - betaln(a, b)
+    target = Target.from_numpyro(_beta_binomial_model, k, n, a, b)
+    return ExactProblem(target, post, log_ev, "beta_binomial")
+
+
+def make_beta_binomial(key, n=10, trials=20, a=2.0, b=3.0, dtype=None) -> ExactProblem:
+    """A :func:`beta_binomial` problem: p from the prior, ``n`` groups of ``trials`` trials.
+
+    >>> import jax
+    >>> make_beta_binomial(jax.random.key(0)).target.dim
+    1
+    """
+    dtype = _dtype(dtype=dtype)
+    kp, kd = jax.random.split(key)
+    p = jax.random.beta(kp, a, b, dtype=dtype)
+    k = jax.random.binomial(kd, trials, p, shape=(n,), dtype=dtype)
+    t = jnp.full((n,), trials, dtype)
+    return beta_binomial(k, t, a, b)._replace(true_params={"p": p})
+
+
+def _gamma_poisson_model(counts, a, b):
+    rate = numpyro.sample("rate", dist.Gamma(a, b))
+    numpyro.sample("counts", dist.Poisson(rate), obs=counts)
+
+
+def gamma_poisson(counts, a=1.0, b=1.0) -> ExactProblem:
+    """Gamma–Poisson: λ ~ Gamma(a, rate=b), counts_i ~ Poisson(λ).
+
+    The target lives on z = log λ (``dim == 1``); posterior Gamma(a + S, b + n), S = Σ counts.
+    Evidence ``a log b − log Γ(a) + log Γ(a + S) − (a + S) log(b + n) − Σ log(counts_i!)``.
+
+    Args:
+        counts: ``(n,)`` non-negative counts. a: prior shape. b: prior rate.
+
+    >>> import jax.numpy as jnp
+    >>> gamma_poisson(jnp.array([2, 4, 3]), a=2.0, b=1.0).target.site_names
+    ('rate',)
+    """
+    dtype = _dtype(a, b)
+    c = _as(counts, dtype, "counts", ndim=1)
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    S, n = jnp.sum(c), c.shape[0]
+    post = _unconstrained_posterior(dist.Gamma(a + S, b + n), constraints.positive)
+    log_ev = (
+        a * jnp.log(b)
+        - gammaln(a)
+        + gammaln(a + S)
+        - (a + S) * jnp.log(b + n)
+        - jnp.sum(gammaln(c + 1))
+    )
+    target = Target.from_numpyro(_gamma_poisson_model, c, a, b)
+    return ExactProblem(target, post, log_ev, "gamma_poisson")
+
+
+def make_gamma_poisson(key, n=20, a=2.0, b=1.0, dtype=None) -> ExactProblem:
+    """A :func:`gamma_poisson` problem: λ from the prior, ``n`` Poisson counts.
+
+    >>> import jax
+    >>> make_gamma_poisson(jax.random.key(0)).true_params["rate"].shape
+    ()
+    """
+    dtype = _dtype(dtype=dtype)
+    kl, kc = jax.random.split(key)
+    lam = jax.random.gamma(kl, a, dtype=dtype) / b
+    c = jax.random.poisson(kc, lam, (n,)).astype(dtype)
+    return gamma_poisson(c, a, b)._replace(true_params={"rate": lam})
+
+
+def _dirichlet_categorical_model(counts, alpha):
+    probs = numpyro.sample("probs", dist.Dirichlet(alpha))
+    # A sequence of categorical draws with these per-category counts: Π_k p_k^{c_k}.
+    numpyro.factor("counts", jnp.sum(xlogy(counts, probs)))
+
+
+def dirichlet_categorical(counts, alpha) -> ExactProblem:
+    """Dirichlet–Categorical: p ~ Dirichlet(α), N categorical draws with category counts c.
+
+    The likelihood is that of the sequence, Π_k p_k^{c_k} (no multinomial coefficient). The
+    target lives on R^{K-1} (numpyro's stick-breaking ``biject_to(simplex)``); posterior
+    Dirichlet(α + c) pushed there. Evidence
+    ``log Γ(Σα) − log Γ(Σα + N) + Σ_k [log Γ(α_k + c_k) − log Γ(α_k)]``.
+
+    Args:
+        counts: ``(K,)`` non-negative counts per category. alpha: ``(K,)`` (or scalar) prior.
+
+    >>> import jax.numpy as jnp
+    >>> p = dirichlet_categorical(jnp.array([3.0, 0.0, 7.0]), jnp.ones(3))
+    >>> p.target.dim, p.posterior.event_shape
+    (2, (2,))
+    """
+    dtype = _dtype(counts, alpha)
+    c = _as(counts, dtype, "counts", ndim=1)
+    alpha = jnp.broadcast_to(_as(alpha, dtype, "alpha"), c.shape)
+    if not isinstance(c, jax.core.Tracer) and bool(jnp.any(c < 0)):
+        raise ValueError(f"dirichlet_categorical: counts must be >= 0; got {c}.")
+    post = _unconstrained_posterior(dist.Dirichlet(alpha + c), constraints.simplex)
+    log_ev = (
+        gammaln(jnp.sum(alpha))
+        - gammaln(jnp.sum(alpha) + jnp.sum(c))
+        + jnp.sum(gammaln(alpha + c) - gammaln(alpha))
+    )
+    target = Target.from_numpyro(_dirichlet_categorical_model, c, alpha)
+    return ExactProblem(target, post, log_ev, "dirichlet_categorical")
+
+
+def make_dirichlet_categorical(key, n=50, k=4, alpha=1.0, dtype=None) -> ExactProblem:
+    """A :func:`dirichlet_categorical` problem: p from Dirichlet(α·1_k), ``n`` draws.
+
+    >>> import jax
+    >>> make_dirichlet_categorical(jax.random.key(0), k=3).target.dim
+    2
+    """
+    dtype = _dtype(dtype=dtype)
+    kp, kd = jax.random.split(key)
+    alpha = jnp.full((k,), alpha, dtype)
+    p = jax.random.dirichlet(kp, alpha, dtype=dtype)
+    draws = jax.random.categorical(kd, jnp.log(p), shape=(n,))
+    counts = jnp.zeros((k,), dtype).at[draws].add(1.0)
+    return dirichlet_categorical(counts, alpha)._replace(true_params={"probs": p})
+
+
+def make_all(key, dtype=None) -> dict:
+    """One generated problem of each kind, keyed by name (small default sizes).
+
+    >>> import jax
+    >>> sorted(make_all(jax.random.key(0)))[:2]
+    ['beta_binomial', 'dirichlet_categorical']
+    """
+    makers = (
+        make_normal_mean,
+        make_linear_regression,
+        make_gaussian,
+        make_beta_binomial,
+        make_gamma_poisson,
+        make_dirichlet_categorical,
+    )
+    keys = jax.random.split(key, len(makers))
+    problems = [make(k, dtype=dtype) for make, k in zip(makers, keys, strict=True)]
+    return {p.name: p for p in problems}

@@ -1,0 +1,438 @@
+"""Targets: an unnormalized log density log p̃(z) on R^dim, the thing variational inference fits.
+
+A :class:`Target` is a registered pytree. Its data arrays (observations, hyperparameters passed
+as arrays, model arguments) are leaves; the log-density function, ``dim``, ``name`` and the site
+layout of a NumPyro model are static auxiliary data, hashable and equal across two constructions
+with the same function and shapes. So a Target can be an argument of ``jax.jit`` (a second target
+of the same shapes does not recompile) and can be built inside ``jax.vmap`` over a batch of data.
+
+Two constructors:
+
+- :meth:`Target.from_log_density`: a plain function ``log_density(z[, *data]) -> ()``.
+- :meth:`Target.from_numpyro`: any NumPyro model with continuous latent sites, mapped to an
+  unconstrained vector by numpyro's own ``biject_to`` transforms, with the log-Jacobian included
+  (``log p̃(z) = -potential_energy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.util import constrain_fn, potential_energy
+
+__all__ = ["Target", "Site"]
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _any_tracer(tree) -> bool:
+    return any(_is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+class Site(NamedTuple):
+    """One latent (or deterministic) site of a NumPyro target.
+
+    ``shape`` is the constrained value's shape; ``unconstrained_shape`` its shape after
+    ``transform.inv``; ``size`` = prod(unconstrained_shape) is its slice length in ``z``
+    (0 for deterministic sites); ``transform`` maps unconstrained → constrained (``None`` for
+    deterministic sites).
+    """
+
+    name: str
+    shape: tuple
+    unconstrained_shape: tuple
+    size: int
+    transform: Any
+    is_deterministic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _SiteSpec:
+    name: str
+    shape: tuple
+    unconstrained_shape: tuple
+    size: int
+    is_deterministic: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _NumpyroSpec:
+    """Static (hashable) part of a NumPyro target: model, argument structure, site layout.
+
+    Array arguments are not here: they are the Target's leaves, slotted back into the
+    ``(args, kwargs)`` structure at ``array_positions``.
+    """
+
+    model: Callable
+    args_treedef: Any  # treedef of (args, kwargs)
+    static_leaves: tuple  # (position, value) of the non-array leaves of (args, kwargs)
+    num_leaves: int
+    sites: tuple  # of _SiteSpec, model order; latent sites then deterministic sites
+
+    def args_kwargs(self, arrays):
+        leaves = [None] * self.num_leaves
+        for pos, value in self.static_leaves:
+            leaves[pos] = value
+        it = iter(arrays)
+        for i in range(self.num_leaves):
+            if leaves[i] is None:
+                leaves[i] = next(it)
+        return jax.tree_util.tree_unflatten(self.args_treedef, leaves)
+
+    @property
+    def latent(self):
+        return tuple(s for s in self.sites if not s.is_deterministic)
+
+    def unravel(self, z):
+        """``z: (..., dim)`` -> {site: unconstrained value (..., *unconstrained_shape)}."""
+        batch = z.shape[:-1]
+        out, start = {}, 0
+        for s in self.latent:
+            out[s.name] = z[..., start : start + s.size].reshape(batch + s.unconstrained_shape)
+            start += s.size
+        return out
+
+    def __call__(self, z, *arrays):
+        # A callable spec (not a bound method: those compare by identity) keeps the Target's
+        # aux data equal across constructions, so jit caches.
+        args, kwargs = self.args_kwargs(arrays)
+        return -potential_energy(self.model, args, kwargs, self.unravel(z))
+
+
+def _split_args(args, kwargs):
+    """Array leaves of (args, kwargs) become pytree leaves; the rest must be hashable static."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    arrays, static = [], []
+    for i, leaf in enumerate(leaves):
+        if _is_array(leaf) or _is_tracer(leaf):
+            arrays.append(leaf)
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                raise TypeError(
+                    f"Target.from_numpyro: model argument leaf #{i} of type {type(leaf).__name__}"
+                    " is neither an array nor hashable; pass data as arrays (jnp.asarray) or"
+                    " hashable Python values."
+                ) from None
+            static.append((i, leaf))
+    return tuple(arrays), tuple(static), len(leaves), treedef
+
+
+@jax.tree_util.register_pytree_node_class
+class Target:
+    """An unnormalized log density ``log p̃(z)`` over ``z ∈ R^dim``.
+
+    Build it with :meth:`from_log_density` or :meth:`from_numpyro`; call it (or
+    :meth:`log_density`) on ``z: (..., dim)`` to get ``(...)``.
+
+    Attributes:
+        dim: dimension of the unconstrained space (static).
+        name: a label (static).
+        data: the data leaves (a tuple of arrays / pytrees).
+        sites: for NumPyro targets, the ordered :class:`Site` infos; ``()`` otherwise.
+        site_names: names of ``sites``.
+
+    >>> import jax.numpy as jnp
+    >>> t = Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), dim=3)
+    >>> t(jnp.zeros((5, 3))).shape
+    (5,)
+    """
+
+    def __init__(self, fn, dim, data=(), name=None, spec=None):
+        self._fn = fn
+        self.dim = dim
+        self.data = tuple(data)
+        self.name = name
+        self._spec = spec
+
+    # --- pytree -----------------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.data,), (self._fn, self.dim, self.name, self._spec)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj._fn, obj.dim, obj.name, obj._spec = aux
+        obj.data = children[0]
+        return obj
+
+    def __repr__(self):
+        kind = "numpyro" if self._spec is not None else "log_density"
+        return f"Target(name={self.name!r}, dim={self.dim}, kind={kind})"
+
+    # --- evaluation -------------------------------------------------------------------------
+    def log_density(self, z):
+        """``log p̃(z)``: ``z: (..., dim)`` -> ``(...)`` (vmapped over leading dimensions)."""
+        z = jnp.asarray(z)
+        if z.ndim == 0 or z.shape[-1] != self.dim:
+            raise ValueError(
+                f"Target {self.name!r}: z must have shape (..., {self.dim}); got shape {z.shape}."
+            )
+        if z.ndim == 1:
+            return self._fn(z, *self.data)
+        batch = z.shape[:-1]
+        flat = z.reshape((-1, self.dim))
+        out = jax.vmap(lambda zi: self._fn(zi, *self.data))(flat)
+        return out.reshape(batch)
+
+    __call__ = log_density
+
+    # --- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_log_density(cls, log_density, dim, *, data=(), name=None):
+        """A target from a function ``log_density(z) -> ()`` (or ``log_density(z, *data)``).
+
+        Args:
+            log_density: ``z: (dim,)`` [, ``*data``] -> scalar ``log p̃(z)``. Pass a module-level
+                function (not a fresh lambda per call) so that two targets compare equal and a
+                jitted fit does not recompile.
+            dim: dimension of ``z``.
+            data: tuple of arrays (or pytrees) passed after ``z``; they are the Target's pytree
+                leaves, so ``jax.vmap`` over a batch of data works.
+            name: a label; defaults to ``log_density.__name__``.
+
+        Raises:
+            ValueError: ``dim`` is not a positive integer, or the value at the test point
+                ``z = zeros(dim)`` is not a finite scalar (checked only when concrete, so
+                construction under ``jit``/``vmap`` works).
+
+        >>> import jax, jax.numpy as jnp
+        >>> def log_p(z, mu):
+        ...     return -0.5 * jnp.sum((z - mu) ** 2)
+        >>> t = Target.from_log_density(log_p, 2, data=(jnp.array([1.0, -1.0]),))
+        >>> float(t(jnp.zeros(2)))
+        -1.0
+        >>> batch = jax.vmap(lambda mu: Target.from_log_density(log_p, 2, data=(mu,)))(
+        ...     jnp.zeros((4, 2)))
+        >>> jax.vmap(lambda t: t(jnp.ones(2)))(batch).shape
+        (4,)
+        """
+        if not callable(log_density):
+            raise TypeError(
+                f"from_log_density: log_density must be callable; got {type(log_density)}."
+            )
+        try:
+            dim = operator.index(dim)
+        except TypeError:
+            raise TypeError(
+                f"from_log_density: dim must be an int; got {dim!r} of type {type(dim).__name__}."
+            ) from None
+        if dim < 1:
+            raise ValueError(f"from_log_density: dim must be >= 1; got {dim}.")
+        data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+        if name is None:
+            name = getattr(log_density, "__name__", "target")
+        target = cls(log_density, dim, data, name)
+        if not _any_tracer(data):
+            _check_test_point(target, what="log_density(z" + (", *data" if data else "") + ")")
+        return target
+
+    @classmethod
+    def from_numpyro(cls, model, *args, **kwargs):
+        """A target from a NumPyro model with continuous latent sample sites.
+
+        The latent sites (in model order) are mapped to one unconstrained vector ``z`` by
+        ``biject_to(site.fn.support)`` (numpyro's transforms, as in HMC), each site taking
+        ``prod(unconstrained_shape)`` consecutive entries; ``log p̃(z)`` is the model's log
+        joint at the constrained values plus ``log|det J|``, i.e.
+        ``-numpyro.infer.util.potential_energy``. Array arguments of the model are pytree leaves
+        (vmap over batched data works); other arguments are static and must be hashable.
+
+        Args:
+            model: a NumPyro model (Python callable).
+            *args, **kwargs: passed to ``model``.
+
+        Raises:
+            ValueError: a latent site is discrete (enumeration is not supported); an observed
+                value has NaN or inf entries; the model has no latent sites; the log density is
+                not finite at ``z = 0``.
+
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> def model(y):
+        ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
+        ...     numpyro.sample("y", dist.Normal(0.0, s), obs=y)
+        >>> t = Target.from_numpyro(model, jnp.array([0.5, -0.3]))
+        >>> t.dim, t.site_names
+        (1, ('s',))
+        >>> t.constrain(jnp.zeros((10, 1)))["s"].shape
+        (10,)
+        """
+        arrays, static, num_leaves, treedef = _split_args(args, kwargs)
+        tr = trace(seed(model, rng_seed=0)).get_trace(*args, **kwargs)
+        model_name = getattr(model, "__name__", "model")
+        latent, deterministic = [], []
+        for site_name, site in tr.items():
+            if site["type"] == "deterministic":
+                shape = tuple(jnp.shape(site["value"]))
+                deterministic.append(_SiteSpec(site_name, shape, shape, 0, True))
+                continue
+            if site["type"] != "sample":
+                continue
+            fn = site["fn"]
+            if site["is_observed"]:
+                value = site["value"]
+                if not _is_tracer(value) and value is not None:
+                    value = np.asarray(value)
+                    if np.issubdtype(value.dtype, np.inexact):
+                        bad = int(np.sum(~np.isfinite(value)))
+                        if bad:
+                            raise ValueError(
+                                f"from_numpyro({model_name}): observed site {site_name!r} has "
+                                f"{bad} NaN/inf entries out of {value.size} (shape "
+                                f"{value.shape}); drop or impute them before fitting (or use "
+                                "numpyro.handlers.mask)."
+                            )
+                continue
+            if fn.support.is_discrete or getattr(fn, "has_enumerate_support", False):
+                raise ValueError(
+                    f"from_numpyro({model_name}): latent site {site_name!r} is discrete "
+                    f"({type(fn).__name__}, support {fn.support}); discrete latent sites are not "
+                    "supported (enumeration is later work). Marginalize it out in the model."
+                )
+            shape = tuple(jnp.shape(site["value"]))
+            unc_shape = tuple(biject_to(fn.support).inverse_shape(shape))
+            size = math.prod(unc_shape)
+            latent.append(_SiteSpec(site_name, shape, unc_shape, size, False))
+        if not latent:
+            raise ValueError(
+                f"from_numpyro({model_name}): the model has no latent sample sites "
+                "(every site is observed); there is nothing to infer."
+            )
+        spec = _NumpyroSpec(model, treedef, static, num_leaves, tuple(latent + deterministic))
+        dim = sum(s.size for s in latent)
+        target = cls(spec, dim, arrays, model_name, spec)
+        if not _any_tracer(arrays):
+            _check_test_point(target, what=f"the log density of model {model_name!r}")
+        return target
+
+    # --- NumPyro site handling ----------------------------------------------------------------
+    @property
+    def site_names(self) -> tuple:
+        """Names of the sites (latent, then deterministic); ``()`` for non-NumPyro targets."""
+        return () if self._spec is None else tuple(s.name for s in self._spec.sites)
+
+    @property
+    def sites(self) -> tuple:
+        """Ordered :class:`Site` infos (latent sites in ``z`` order, then deterministic)."""
+        if self._spec is None:
+            return ()
+        transforms = self._transforms()
+        return tuple(
+            Site(
+                s.name,
+                s.shape,
+                s.unconstrained_shape,
+                s.size,
+                transforms.get(s.name),
+                s.is_deterministic,
+            )
+            for s in self._spec.sites
+        )
+
+    def _require_numpyro(self, what):
+        if self._spec is None:
+            raise ValueError(
+                f"Target {self.name!r}: {what} needs a target built with Target.from_numpyro."
+            )
+
+    def _model_args(self):
+        return self._spec.args_kwargs(self.data)
+
+    def _transforms(self, values=None):
+        args, kwargs = self._model_args()
+        model = seed(self._spec.model, rng_seed=0)
+        if values is not None:
+            model = substitute(model, data=values)
+        tr = trace(model).get_trace(*args, **kwargs)
+        return {s.name: biject_to(tr[s.name]["fn"].support) for s in self._spec.latent}
+
+    def constrain(self, z) -> dict:
+        """Unconstrained ``z: (..., dim)`` -> ``{site: value (..., *site.shape)}``.
+
+        Includes ``numpyro.deterministic`` sites, recomputed by replaying the model.
+
+        >>> # samples = target.constrain(q.sample(key, (1000,)))  # {"s": (1000,), ...}
+        """
+        self._require_numpyro("constrain")
+        z = jnp.asarray(z)
+        if z.ndim == 0 or z.shape[-1] != self.dim:
+            raise ValueError(
+                f"Target {self.name!r}: z must have shape (..., {self.dim}); got {z.shape}."
+            )
+        args, kwargs = self._model_args()
+        return constrain_fn(
+            seed(self._spec.model, rng_seed=0),
+            args,
+            kwargs,
+            self._spec.unravel(z),
+            return_deterministic=True,
+            batch_ndims=z.ndim - 1,
+        )
+
+    def unconstrain(self, values: dict):
+        """Constrained ``{site: value (..., *site.shape)}`` -> ``z: (..., dim)``.
+
+        Needs every latent site; deterministic sites are ignored.
+        """
+        self._require_numpyro("unconstrain")
+        latent = self._spec.latent
+        missing = [s.name for s in latent if s.name not in values]
+        if missing:
+            raise ValueError(f"unconstrain: missing latent site(s) {missing}.")
+        first = latent[0]
+        batch_ndims = jnp.ndim(values[first.name]) - len(first.shape)
+        values = {s.name: jnp.asarray(values[s.name]) for s in latent}
+
+        def single(vals):
+            transforms = self._transforms(vals)
+            parts = [jnp.reshape(transforms[s.name].inv(vals[s.name]), (-1,)) for s in latent]
+            return jnp.concatenate(parts)
+
+        fn = single
+        for _ in range(batch_ndims):
+            fn = jax.vmap(fn)
+        return fn(values)
+
+
+def _check_test_point(target: Target, what: str) -> None:
+    dtype = jnp.result_type(
+        float,
+        *[
+            x
+            for x in jax.tree_util.tree_leaves(target.data)
+            if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        ],
+    )
+    z0 = jnp.zeros((target.dim,), dtype)
+    value = target._fn(z0, *target.data)
+    if _is_tracer(value):  # the function closes over traced values: skip, as numpyro does
+        return
+    shape = jnp.shape(value)
+    if shape != ():
+        raise ValueError(
+            f"Target {target.name!r}: {what} must return a scalar for z of shape "
+            f"({target.dim},); at z = zeros({target.dim}) it returned shape {shape} "
+            f"(dtype {jnp.result_type(value)}). Sum over data points / dimensions inside it."
+        )
+    if not bool(jnp.isfinite(value)):
+        raise ValueError(
+            f"Target {target.name!r}: {what} is not finite at the test point "
+            f"z = zeros({target.dim}): it returned {float(value)}. A target must be finite "
+            "everywhere on R^dim (map constrained parameters to R first)."
+        )
