@@ -31,6 +31,7 @@ Itti & Baldi (2005), "Bayesian surprise attracts human attention", NIPS.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -133,29 +134,42 @@ def _validate(name, x, log_input):
         )
 
 
+def _array(x):
+    """Arrays and tracers pass through; lists and scalars become jax arrays (no compilation)."""
+    return x if hasattr(x, "shape") and hasattr(x, "dtype") else jnp.asarray(x)
+
+
+def _shape(x):
+    return tuple(x.shape)
+
+
+def _host(x, axis):
+    """Concrete values with the event axis last, for validation (None for tracers)."""
+    if not _is_concrete(x):
+        return None
+    return np.moveaxis(np.asarray(x), axis, -1)
+
+
 def _prepare_one(name, x, axis, log_input, validate):
-    (x,) = _as_float(x)
-    ax = _check_axis(name, x.shape, axis)
-    x = jnp.moveaxis(x, ax, -1)
-    if validate:
-        _validate(name, x, log_input)
-    return x
+    ax = _check_axis(name, _shape(x), axis)
+    if validate and (h := _host(x, ax)) is not None:
+        _validate(name, h, log_input)
+    return ax
 
 
 def _prepare_pair(names, p, q, axis, log_input, validate):
-    """Check event sizes and batch broadcasting, return both with the event axis last."""
-    p, q = _as_float(p, q)
-    (n_p, n_q), (sp, sq) = names, (p.shape, q.shape)
-    nd = max(p.ndim, q.ndim)
+    """Check event sizes and batch broadcasting; return static axes and the output shape."""
+    (n_p, n_q), sp, sq = names, _shape(p), _shape(q)
     for name, s in zip(names, (sp, sq), strict=True):
         if len(s) == 0:
             raise ValueError(f"{name} must have at least one dimension, got shape {s}.")
+    nd = max(len(sp), len(sq))
     if not -nd <= axis < nd:
         raise ValueError(
             f"axis={axis} is out of range for {n_p} with shape {sp} and {n_q} with shape {sq}."
         )
     ax = axis % nd
-    ax_p, ax_q = ax - (nd - p.ndim), ax - (nd - q.ndim)
+    ax_p, ax_q = ax - (nd - len(sp)), ax - (nd - len(sq))
     if ax_p < 0 or ax_q < 0:
         raise ValueError(
             f"axis={axis} does not exist in both {n_p} with shape {sp} and {n_q} with shape {sq} "
@@ -173,12 +187,12 @@ def _prepare_pair(names, p, q, axis, log_input, validate):
             f"{n_p} with shape {sp} and {n_q} with shape {sq} do not broadcast against each "
             "other (batch dimensions must be equal or 1)."
         ) from None
-    p, q = jnp.moveaxis(p, ax_p, -1), jnp.moveaxis(q, ax_q, -1)
     if validate:
-        _validate(n_p, p, log_input)
-        _validate(n_q, q, log_input)
+        for name, x, a in ((n_p, p, ax_p), (n_q, q, ax_q)):
+            if (h := _host(x, a)) is not None:
+                _validate(name, h, log_input)
     out = shape[:ax] + shape[ax + 1 :] + shape[ax : ax + 1]
-    return jnp.broadcast_to(p, out), jnp.broadcast_to(q, out)
+    return (ax_p, ax_q), out
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +262,9 @@ def _midpoint(t: _Table, u: _Table):
     a = jnp.where(t.pos, jnp.exp(jnp.where(t.pos, t.logp - mx, 0)), 0)
     b = jnp.where(u.pos, jnp.exp(jnp.where(u.pos, u.logp - mx, 0)), 0)
     pos = t.pos | u.pos
-    s = jnp.where(pos, a + b, 1)
-    logm = jnp.where(pos, mx + jnp.log(s) - jnp.log(jnp.asarray(2, s.dtype)), 0)
+    # log((a + b) / 2) with the max term equal to 1: exactly 0 when p == q, so JSD(p, p) = 0.
+    s = jnp.where(pos, 0.5 * (a + b), 1)
+    logm = jnp.where(pos, mx + jnp.log(s), 0)
     return _Table(jnp.where(pos, jnp.exp(logm), 0), logm, pos)
 
 
@@ -259,16 +274,9 @@ def _jsd(t: _Table, u: _Table):
     return 0.5 * _kl(t, m) + 0.5 * _kl(u, m)
 
 
-def _joint_tables(joint, log_input, validate):
+def _joint_tables(joint, log_input):
     """Joint, X-marginal and Y-marginal log tables from ``joint[..., x, y]``."""
-    (joint,) = _as_float(joint)
-    if joint.ndim < 2:
-        raise ValueError(
-            f"joint must have at least two dimensions joint[..., x, y], got shape {joint.shape}."
-        )
     flat = joint.reshape(joint.shape[:-2] + (-1,))
-    if validate:
-        _validate("joint", flat, log_input)
     if log_input:
         lxy = (flat - _logsumexp(flat, axis=-1)).reshape(joint.shape)
         xy = _from_log(lxy, normalized=False)
@@ -281,6 +289,66 @@ def _joint_tables(joint, log_input, validate):
     # Only used where p(x, y) > 0, where the marginals are positive too.
     safe = lambda lm: jnp.where(jnp.isfinite(lm), lm, 0)
     return xy, safe(lx), safe(ly)
+
+
+# One compiled kernel per public call: eager calls dispatch once instead of op by op, and
+# under an outer jit/vmap/grad the kernel is simply inlined.
+
+
+@partial(jax.jit, static_argnames=("axis", "log_input"))
+def _entropy_kernel(p, base, *, axis, log_input):
+    (p,) = _as_float(p)
+    p = jnp.moveaxis(p, axis, -1)
+    return _in_base(_entropy(_table(p, log_input)), base)
+
+
+@partial(jax.jit, static_argnames=("kind", "axes", "shape", "log_input"))
+def _pair_kernel(p, q, base, *, kind, axes, shape, log_input):
+    p, q = _as_float(p, q)
+    p = jnp.broadcast_to(jnp.moveaxis(p, axes[0], -1), shape)
+    q = jnp.broadcast_to(jnp.moveaxis(q, axes[1], -1), shape)
+    t, u = _table(p, log_input), _table(q, log_input)
+    if kind == "cross_entropy":
+        return _in_base(_cross_entropy(t, u), base)
+    if kind == "kl":
+        return _in_base(_kl(t, u), base)
+    jsd = _in_base(_jsd(t, u), base)
+    if kind == "jsd":
+        return jsd
+    # js distance: sqrt with a zero (sub)gradient at p == q, where rounding may leave JSD <= 0
+    pos = jsd > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, jsd, 1)), 0)
+
+
+@partial(jax.jit, static_argnames=("kind", "log_input"))
+def _joint_kernel(joint, base, *, kind, log_input):
+    (joint,) = _as_float(joint)
+    xy, lx, ly = _joint_tables(joint, log_input)
+    if kind == "mi":
+        terms = jnp.where(xy.pos, xy.prob * (xy.logp - lx - ly), 0)
+        return _in_base(jnp.sum(terms, axis=(-2, -1)), base)
+    terms = jnp.where(xy.pos, xy.prob * (xy.logp - ly), 0)
+    return _in_base(-jnp.sum(terms, axis=(-2, -1)), base)
+
+
+def _pair(kind, names, p, q, axis, base, log_input, validate):
+    _check_base(base)
+    p, q = _array(p), _array(q)
+    axes, shape = _prepare_pair(names, p, q, axis, log_input, validate)
+    return _pair_kernel(p, q, base, kind=kind, axes=axes, shape=shape, log_input=bool(log_input))
+
+
+def _joint(kind, joint, base, log_input, validate):
+    _check_base(base)
+    joint = _array(joint)
+    shape = _shape(joint)
+    if len(shape) < 2:
+        raise ValueError(
+            f"joint must have at least two dimensions joint[..., x, y], got shape {shape}."
+        )
+    if validate and _is_concrete(joint):
+        _validate("joint", np.asarray(joint).reshape(shape[:-2] + (-1,)), log_input)
+    return _joint_kernel(joint, base, kind=kind, log_input=bool(log_input))
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,8 +378,9 @@ def entropy(p, axis=-1, base=None, *, log_input=False, validate=False):
     Reference: Cover & Thomas (2006), eq. 2.1; seed eq. 10.
     """
     _check_base(base)
-    p = _prepare_one("p", p, axis, log_input, validate)
-    return _in_base(_entropy(_table(p, log_input)), base)
+    p = _array(p)
+    ax = _prepare_one("p", p, axis, log_input, validate)
+    return _entropy_kernel(p, base, axis=ax, log_input=bool(log_input))
 
 
 def cross_entropy(p, q, axis=-1, base=None, *, log_input=False, validate=False):
@@ -333,9 +402,7 @@ def cross_entropy(p, q, axis=-1, base=None, *, log_input=False, validate=False):
 
     Reference: Cover & Thomas (2006), ch. 5.4; seed eq. 11.
     """
-    _check_base(base)
-    p, q = _prepare_pair(("p", "q"), p, q, axis, log_input, validate)
-    return _in_base(_cross_entropy(_table(p, log_input), _table(q, log_input)), base)
+    return _pair("cross_entropy", ("p", "q"), p, q, axis, base, log_input, validate)
 
 
 def kl_divergence(p, q, axis=-1, base=None, *, log_input=False, validate=False):
@@ -359,9 +426,7 @@ def kl_divergence(p, q, axis=-1, base=None, *, log_input=False, validate=False):
 
     Reference: Kullback & Leibler (1951); Cover & Thomas (2006), eq. 2.26; seed eq. 1.
     """
-    _check_base(base)
-    p, q = _prepare_pair(("p", "q"), p, q, axis, log_input, validate)
-    return _in_base(_kl(_table(p, log_input), _table(q, log_input)), base)
+    return _pair("kl", ("p", "q"), p, q, axis, base, log_input, validate)
 
 
 def js_divergence(p, q, axis=-1, base=None, *, log_input=False, validate=False):
@@ -386,9 +451,7 @@ def js_divergence(p, q, axis=-1, base=None, *, log_input=False, validate=False):
 
     Reference: Lin (1991), eq. 4.1.
     """
-    _check_base(base)
-    p, q = _prepare_pair(("p", "q"), p, q, axis, log_input, validate)
-    return _in_base(_jsd(_table(p, log_input), _table(q, log_input)), base)
+    return _pair("jsd", ("p", "q"), p, q, axis, base, log_input, validate)
 
 
 def js_distance(p, q, axis=-1, base=None, *, log_input=False, validate=False):
@@ -413,9 +476,7 @@ def js_distance(p, q, axis=-1, base=None, *, log_input=False, validate=False):
 
     Reference: Endres & Schindelin (2003).
     """
-    jsd = js_divergence(p, q, axis, base, log_input=log_input, validate=validate)
-    pos = jsd > 0  # rounding can make JSD slightly negative when p == q
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, jsd, 1)), 0)
+    return _pair("jsdist", ("p", "q"), p, q, axis, base, log_input, validate)
 
 
 def mutual_information(joint, base=None, *, log_input=False, validate=False):
@@ -439,10 +500,7 @@ def mutual_information(joint, base=None, *, log_input=False, validate=False):
 
     Reference: Cover & Thomas (2006), eq. 2.28; seed eq. 13.
     """
-    _check_base(base)
-    xy, lx, ly = _joint_tables(joint, log_input, validate)
-    terms = jnp.where(xy.pos, xy.prob * (xy.logp - lx - ly), 0)
-    return _in_base(jnp.sum(terms, axis=(-2, -1)), base)
+    return _joint("mi", joint, base, log_input, validate)
 
 
 def conditional_entropy(joint, base=None, *, log_input=False, validate=False):
@@ -467,10 +525,7 @@ def conditional_entropy(joint, base=None, *, log_input=False, validate=False):
 
     Reference: Cover & Thomas (2006), eq. 2.10-2.14; seed eq. 12 (as corrected in SEED_NOTES).
     """
-    _check_base(base)
-    xy, _, ly = _joint_tables(joint, log_input, validate)
-    terms = jnp.where(xy.pos, xy.prob * (xy.logp - ly), 0)
-    return _in_base(-jnp.sum(terms, axis=(-2, -1)), base)
+    return _joint("conditional_entropy", joint, base, log_input, validate)
 
 
 def surprise(prior, posterior, axis=-1, base=None, *, log_input=False, validate=False):
@@ -494,6 +549,5 @@ def surprise(prior, posterior, axis=-1, base=None, *, log_input=False, validate=
 
     Reference: Itti & Baldi (2005); seed eq. 8-9.
     """
-    _check_base(base)
-    post, pri = _prepare_pair(("posterior", "prior"), posterior, prior, axis, log_input, validate)
-    return _in_base(_kl(_table(post, log_input), _table(pri, log_input)), base)
+    names = ("posterior", "prior")
+    return _pair("kl", names, posterior, prior, axis, base, log_input, validate)
