@@ -1,0 +1,118 @@
+"""Timing helpers: warm-up, repeat, median; and the machine/software record.
+
+Every ratio in the suite is taken between two medians measured in the same process, one after
+the other, so that load from other processes on a shared machine hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def block(x: Any) -> Any:
+    """Wait for every array in ``x`` (a pytree) to be computed."""
+    return jax.block_until_ready(x)
+
+
+def timed_call(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
+    """``(fn(*args, **kwargs), seconds)``, blocking on the result."""
+    t0 = now()
+    out = block(fn(*args, **kwargs))
+    return out, now() - t0
+
+
+def measure(fn: Callable, *args, repeat: int = 5, warmup: int = 1, **kwargs) -> dict:
+    """Time ``fn(*args)`` after ``warmup`` calls; the first call's time is kept as ``first``.
+
+    Returns ``{"first": s, "median": s, "min": s, "times": [...], "repeat": n}``. ``first`` is
+    compile + run when ``fn`` is a fresh jitted function.
+    """
+    first = None
+    for _ in range(max(warmup, 0)):
+        _, t = timed_call(fn, *args, **kwargs)
+        first = t if first is None else first
+    times = []
+    for _ in range(max(repeat, 1)):
+        _, t = timed_call(fn, *args, **kwargs)
+        times.append(t)
+    if first is None:
+        first = times[0]
+    return {
+        "first": first,
+        "median": statistics.median(times),
+        "min": min(times),
+        "times": times,
+        "repeat": len(times),
+    }
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (visible while the suite runs, kept out of the table)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def machine_info() -> dict:
+    """Machine, jax backend and devices, package versions."""
+    try:
+        import psutil
+
+        mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
+        load = list(os.getloadavg())
+    except Exception:  # noqa: BLE001
+        mem_gb, load = None, None
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": mem_gb,
+        "loadavg_at_start": load,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "x64": bool(jax.config.jax_enable_x64),
+        "versions": {
+            name: _version(name)
+            for name in (
+                "vi_engine",
+                "jax",
+                "jaxlib",
+                "numpyro",
+                "optax",
+                "flax",
+                "blackjax",
+                "numpy",
+                "scipy",
+            )
+        },
+    }
