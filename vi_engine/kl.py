@@ -259,6 +259,8 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
     >>> est, se = kl_estimate(dist.Normal(0.0, 1.0), dist.Normal(1.0, 1.0), jax.random.key(0), 1000)
     """
     batch_shape = _check_pair(p, q, "kl_estimate")
+    if p.batch_shape != batch_shape:
+        p = p.expand(batch_shape)  # some log_probs (e.g. low-rank MVN) do not broadcast samples
     if not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"kl_estimate: `num_samples` must be an int >= 2, got {num_samples!r}.")
     if batch_size is None or batch_size >= num_samples:
@@ -326,7 +328,7 @@ def _as_gauss(d) -> _Gauss:
         if isinstance(inner, Normal):
             shape = d.batch_shape + d.event_shape
             return _Gauss(
-                "diag", jnp.broadcast_to(base.mean, shape), jnp.broadcast_to(base.stddev, shape)
+                "diag", jnp.broadcast_to(inner.loc, shape), jnp.broadcast_to(inner.scale, shape)
             )
     raise NotImplementedError(f"{_describe(d)} is not a Gaussian with a known covariance form")
 
@@ -428,10 +430,16 @@ def _xlogr(w, log_a, log_b):
     return jnp.where(mask, w * (log_a - log_b), 0.0)
 
 
+def _safe_log(x):
+    """log x with log 0 = -inf and a zero (not NaN) gradient there."""
+    pos = x > 0
+    return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), -jnp.inf)
+
+
 def _cat_logs(d):
     if isinstance(d, CategoricalLogits):
         return jax.nn.softmax(d.logits, -1), jax.nn.log_softmax(d.logits, -1)
-    return d.probs, jnp.log(d.probs)
+    return d.probs, _safe_log(d.probs)
 
 
 def _kl_categorical(p, q):
@@ -457,7 +465,7 @@ def _bern_logs(d):
         sig, log_sig = jax.nn.sigmoid, jax.nn.log_sigmoid
         return sig(lg), sig(-lg), log_sig(lg), log_sig(-lg)
     pr = d.probs
-    return pr, 1.0 - pr, jnp.log(pr), jnp.log1p(-pr)
+    return pr, 1.0 - pr, _safe_log(pr), _safe_log(1.0 - pr)
 
 
 def _kl_bern_terms(p, q):
