@@ -34,6 +34,8 @@ from vi_engine.fit import FitResult, StoppingRule, default_optimizer, fit, fit_m
 from vi_engine.objectives import ELBO, IWAE, Estimate, Renyi, elbo, get_objective, log_weights
 
 # --- flows and amortized inference ---
+from vi_engine import amortized
+from vi_engine.families.flow import Flow
 
 __version__ = "0.1.0"
 
@@ -71,4 +73,6 @@ __all__ = [
     "get_objective",
     "log_weights",
     "register_family",
+    "Flow",
+    "amortized",
 ]

@@ -41,3 +41,8 @@ def get_family(family: str | Family) -> Family:
 
 
 __all__ = ["Family", "FullRank", "LowRank", "MeanField", "get_family", "register_family"]
+
+# at the bottom: flow.py imports only families.base, so there is no import cycle
+from vi_engine.families.flow import Flow as _Flow  # noqa: E402
+
+register_family("flow", _Flow)

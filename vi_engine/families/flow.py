@@ -255,9 +255,14 @@ class Flow(Family):
         if not isinstance(dim, int | np.integer) or dim < 1:
             raise ValueError(f"Flow.init(dim=...): got {dim!r}; expected an int >= 1")
         dim = int(dim)
-        variables = self._module(dim).init(key, jnp.zeros((1, dim), dtype),
-                                           method=RealNVP.forward)
-        variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
+        module = self._module(dim)
+        # one compiled init instead of dozens of eagerly dispatched ops
+        variables = jax.jit(
+            lambda k: jax.tree.map(
+                lambda a: jnp.asarray(a, dtype),
+                module.init(k, jnp.zeros((1, dim), dtype), method=RealNVP.forward),
+            )
+        )(key)
         params = {"couplings": variables, "loc": jnp.zeros((dim,), dtype)}
         log_s = math.log(self.init_scale)
         if self.affine == "lower":
