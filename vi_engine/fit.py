@@ -59,6 +59,12 @@ def default_optimizer(learning_rate: float = DEFAULT_LEARNING_RATE) -> optax.Gra
 class StoppingRule(NamedTuple):
     """Settings of the windowed plateau test (static: changing them recompiles).
 
+    The defaults were chosen by a sweep on Bayesian linear regression (N=500, d=20, 3 seeds,
+    Adam 0.05): window 100 / patience 1 stopped with full-rank KL(q‖p*) up to 0.056; window 200 /
+    patience 2 / 6 cuts reached KL < 1e-4 (full-rank) and within 0.002 nats of the mean-field
+    optimum in about 4,000 steps. A smaller initial step (0.02) was worse: its slow early progress
+    reads as a plateau and the step size is cut too soon.
+
     - ``window``: steps per window; losses are averaged over a window.
     - ``patience``: windows without significant improvement before the step size is cut.
     - ``factor``: step-size multiplier at each cut.
@@ -66,8 +72,8 @@ class StoppingRule(NamedTuple):
     - ``z``: an improvement must exceed ``z`` standard errors of the window mean (and ``tol``).
     """
 
-    window: int = 100
-    patience: int = 1
+    window: int = 200
+    patience: int = 2
     factor: float = 0.5
     max_decays: int = 6
     z: float = 2.0

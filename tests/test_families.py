@@ -1,0 +1,83 @@
+"""Gaussian families against numpyro's own distributions and Monte Carlo."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import vi_engine as vi
+
+FAMILIES = [vi.MeanField(), vi.FullRank(), vi.LowRank(rank=2)]
+
+
+def _random_params(family, key, dim):
+    """Parameters away from the initial values, so that every piece is exercised."""
+    params = family.init(key, dim)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_sample_and_log_prob_agree_with_numpyro(family):
+    params = _random_params(family, jax.random.key(0), 4)
+    z, log_q = family.sample_and_log_prob(jax.random.key(1), params, 7)
+    q = family.to_distribution(params)
+    assert z.shape == (7, 4) and q.event_shape == (4,)
+    np.testing.assert_allclose(log_q, q.log_prob(z), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(family.log_prob(params, z), q.log_prob(z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_entropy_matches_numpyro_and_draws_have_the_right_moments(family):
+    params = _random_params(family, jax.random.key(2), 3)
+    q = family.to_distribution(params)
+    np.testing.assert_allclose(family.entropy(params), q.entropy(), rtol=1e-5)
+    z = family.sample(jax.random.key(3), params, 200_000)
+    np.testing.assert_allclose(z.mean(0), q.mean, atol=0.02)
+    cov = jnp.diag(q.variance) if family.name == "meanfield" else q.covariance_matrix
+    np.testing.assert_allclose(jnp.cov(z.T), cov, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_batched_params_give_batched_distributions(family):
+    keys = jax.random.split(jax.random.key(4), 5)
+    params = jax.vmap(lambda k: family.init(k, 3))(keys)
+    q = family.to_distribution(params)
+    assert q.batch_shape == (5,) and q.event_shape == (3,)
+
+
+def test_fullrank_scale_tril_is_the_cholesky_of_the_covariance():
+    family = vi.FullRank()
+    params = _random_params(family, jax.random.key(5), 4)
+    L = family.scale_tril(params)
+    assert np.allclose(L, jnp.tril(L))
+    cov = family.to_distribution(params).covariance_matrix
+    np.testing.assert_allclose(jnp.linalg.cholesky(cov), L, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_under_x64():
+    with jax.enable_x64(True):
+        for family in FAMILIES:
+            params = family.init(jax.random.key(0), 3)
+            z, log_q = family.sample_and_log_prob(jax.random.key(1), params, 2)
+            assert z.dtype == jnp.float64 and log_q.dtype == jnp.float64
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="init_scale"):
+        vi.MeanField(init_scale=-1.0)
+    with pytest.raises(ValueError, match="rank"):
+        vi.LowRank(rank=0)
+    with pytest.raises(ValueError, match="dim"):
+        vi.FullRank().init(jax.random.key(0), 0)
+    with pytest.raises(ValueError, match="known families are: .*fullrank.*meanfield"):
+        vi.get_family("gaussian")
+
+
+def test_lowrank_rank_is_capped_at_dim():
+    params = vi.LowRank(rank=10).init(jax.random.key(0), 3)
+    assert params.cov_factor.shape == (3, 3)
+    assert isinstance(vi.LowRank().to_distribution(params), dist.LowRankMultivariateNormal)
