@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,notebooks,benchmarks,vae]"
 	@touch $(STAMP)
 
+# Two workers: the tests are dominated by XLA compilation, which is single-threaded.
 test: install
-	$(PY) -m pytest tests
-	$(PY) -m pytest --nbmake notebooks -p no:cacheprovider
+	VI_ENGINE_QUICK=1 $(PY) -m pytest -n 2 tests --nbmake notebooks
 
 bench: install
 	$(PY) -m benchmarks --quick
