@@ -154,9 +154,14 @@ def _make_chunk(cfg: _Config):
             params = _tree_where(finite, params, state.params)
             opt_state = _tree_where(finite, opt_state, state.opt_state)
             step = state.step + finite.astype(jnp.int32)
-            n = (w_count + 1).astype(state.lr_scale.dtype)
-            avg = jax.tree_util.tree_map(lambda a, p: a + (p - a) / n, state.avg_params, params)
-            avg = _tree_where(finite, avg, state.avg_params)
+            if cfg.check_plateau:  # the averaged iterate is used only by the stopping rule
+                n = (w_count + 1).astype(state.lr_scale.dtype)
+                avg = jax.tree_util.tree_map(
+                    lambda a, p: a + (p - a) / n, state.avg_params, params
+                )
+                avg = _tree_where(finite, avg, state.avg_params)
+            else:
+                avg = state.avg_params
             hit_cap = step >= max_steps
             status = jnp.where(~finite, NONFINITE, jnp.where(hit_cap, MAX_STEPS, state.status))
             state = state._replace(
