@@ -63,7 +63,7 @@ _TINY = {
         "max_steps": 100,
         "chunk_steps": 50,
         "engine_checkpoints": [50],
-        "blackjax_grid": {"meanfield": [(10, 5e-2)]},
+        "blackjax_grid": {},
         "numpyro_tuned": False,
         "whole_process": False,
     },

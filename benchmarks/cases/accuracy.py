@@ -199,7 +199,7 @@ def run(cfg, ctx) -> dict:
     return {
         "name": NAME,
         "table": {
-            "title": "Accuracy and time to accuracy (t in s; '-' = never reached; levels are "
+            "title": "Accuracy and time to accuracy (t in s; levels are "
                      "floor + 1e-2 / + 1e-3 where the family optimum is known)",
             "columns": ["problem", "method", "family", "KL(q|p*)", "floor", "logZ-ELBO",
                         "t<=1e-2 cold", "t<=1e-2 steady", "t<=1e-3 cold", "t<=1e-3 steady",
