@@ -30,7 +30,6 @@ def _pair_measures(p, q, base, axis=-1, log_input=False):
         kl=m.kl_divergence(p, q, **kw),
         jsd=m.js_divergence(p, q, **kw),
         jsdist=m.js_distance(p, q, **kw),
-        surprise=m.surprise(q, p, **kw),
     )
 
 
@@ -59,7 +58,7 @@ def random_simplex(rng, shape, axis=-1, zeros=0.0):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,axis", [((6,), -1), ((3, 5), -1), ((4, 3, 5), 1), ((5, 3), 0)])
+@pytest.mark.parametrize("shape,axis", [((3, 5), -1), ((4, 3, 5), 1), ((5, 3), 0)])
 def test_against_scipy(shape, axis):
     rng = np.random.default_rng(0)
     p = random_simplex(rng, shape, axis, zeros=0.2)
@@ -77,7 +76,6 @@ def test_against_scipy(shape, axis):
         ref = jensenshannon(p, q, axis=axis, base=base)
         close(got["jsdist"], ref, atol=1e-6)
         close(got["jsd"], ref**2, atol=1e-7)
-        close(got["surprise"], got["kl"])
         # log_input gives the same numbers (shifted logits: it normalises)
         got_log = pair_measures(lp + 2.0, lq - 1.0, base, axis=axis, log_input=True)
         for k in got:
@@ -135,6 +133,7 @@ def test_black_swan_surprise(prior_black, bits):
     got = m.surprise(prior, posterior, base=2)
     np.testing.assert_allclose(got, bits, rtol=1e-6)
     np.testing.assert_allclose(got, -math.log2(prior_black), rtol=1e-6)
+    assert got == m.kl_divergence(posterior, prior, base=2)  # surprise = KL(posterior || prior)
     if prior_black == 0.01:
         assert round(float(got), 2) == 6.64
     # and in nats
@@ -162,6 +161,7 @@ def test_infinite_surprise():
 # --------------------------------------------------------------------------------------------
 
 K = 5
+E = math.e  # base=e is nats, like base=None, but shares the compilation with base=2
 
 
 def simplex(k=K, allow_zeros=True):
@@ -174,7 +174,7 @@ def simplex(k=K, allow_zeros=True):
 @given(simplex(), simplex())
 def test_gibbs_and_pinsker(p, q):
     with jax.enable_x64(True):
-        pq, pp = pair_measures(p, q, None), pair_measures(p, p, None)
+        pq, pp = pair_measures(p, q, E), pair_measures(p, p, E)
         kl = float(pq["kl"])
         assert kl >= -1e-15  # rounding only
         # = 0 iff equal: Pinsker's inequality KL >= ||p - q||_1^2 / 2 makes "iff" quantitative
@@ -192,12 +192,11 @@ def test_gibbs_and_pinsker(p, q):
 @given(simplex(), simplex(), simplex())
 def test_js_bounds_symmetry_triangle(p, q, r):
     with jax.enable_x64(True):
-        pq, qp = pair_measures(p, q, None), pair_measures(q, p, None)
+        pq, qp = pair_measures(p, q, E), pair_measures(q, p, E)
         jsd = float(pq["jsd"])
         assert -1e-15 <= jsd <= math.log(2) + 1e-12
-        assert float(pair_measures(p, q, 2.0)["jsd"]) <= 1.0 + 1e-12
         assert math.isclose(jsd, float(qp["jsd"]), rel_tol=1e-12, abs_tol=1e-15)
-        d = lambda a, b: float(pair_measures(a, b, None)["jsdist"])
+        d = lambda a, b: float(pair_measures(a, b, E)["jsdist"])
         assert d(p, p) == 0.0
         assert d(p, r) <= d(p, q) + d(q, r) + 1e-9
 
@@ -280,7 +279,7 @@ def test_zero_handling():
 def _all_grads(a, b, joint, log_input):
     """Gradients of every measure, w.r.t. every argument (one compilation per mode)."""
     kw = dict(log_input=log_input)
-    pair = (m.kl_divergence, m.cross_entropy, m.js_divergence, m.js_distance, m.surprise)
+    pair = (m.kl_divergence, m.cross_entropy, m.js_divergence, m.js_distance)  # surprise = kl
     out = {f.__name__: jax.grad(lambda a, b: f(a, b, **kw), argnums=(0, 1))(a, b) for f in pair}
     out["entropy"] = jax.grad(lambda a: m.entropy(a, **kw))(a)
     for f in (m.mutual_information, m.conditional_entropy):
