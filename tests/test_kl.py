@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 import numpyro.distributions.kl as nkl
 import pytest
@@ -18,6 +19,16 @@ from vi_engine import measures
 from vi_engine.kl import KLNotImplementedError, kl_divergence, kl_estimate, streaming_surprise
 
 KEY = jax.random.key(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_eager_validation():
+    # numpyro 0.22 validates parameters eagerly by default; each check is a handful of small
+    # op-by-op compilations, which dominate this file's runtime. Restored afterwards.
+    previous = dist.Distribution._validate_args
+    numpyro.enable_validation(False)
+    yield
+    numpyro.enable_validation(previous)
 
 
 def _spd(rng, d, scale=1.0):
@@ -436,7 +447,7 @@ def test_check_grads_on_pairs():
                 dist.MultivariateNormal(jnp.zeros(3), scale_tril=Lq),
             )
 
-        check_grads(mvn, (jnp.ones(3), Lq * 0.8), order=1, modes=["rev"])
+        check_grads(jax.jit(mvn), (jnp.ones(3), Lq * 0.8), order=1, modes=["rev"])
 
         def lowrank(loc, w, diag):
             return kl_divergence(
@@ -444,22 +455,22 @@ def test_check_grads_on_pairs():
                 dist.MultivariateNormal(jnp.zeros(3), scale_tril=Lq),
             )
 
-        check_grads(lowrank, (jnp.ones(3), W, jnp.full(3, 0.7)), order=1, modes=["rev"])
+        check_grads(jax.jit(lowrank), (jnp.ones(3), W, jnp.full(3, 0.7)), order=1, modes=["rev"])
 
         def cat(logits):
             return kl_divergence(
                 dist.CategoricalLogits(logits), dist.CategoricalProbs(jnp.array([0.2, 0.3, 0.5]))
             )
 
-        check_grads(cat, (jnp.array([0.3, -1.0, 2.0]),), order=1, modes=["rev"])
+        check_grads(jax.jit(cat), (jnp.array([0.3, -1.0, 2.0]),), order=1, modes=["rev"])
         check_grads(
-            lambda a, b: kl_divergence(dist.Uniform(a, b), dist.Gamma(2.0, 1.5)),
+            jax.jit(lambda a, b: kl_divergence(dist.Uniform(a, b), dist.Gamma(2.0, 1.5))),
             (0.3, 2.0),
             order=1,
             modes=["rev"],
         )
         check_grads(
-            lambda m, s: kl_divergence(dist.Laplace(m, s), dist.Laplace(0.2, 1.1)),
+            jax.jit(lambda m, s: kl_divergence(dist.Laplace(m, s), dist.Laplace(0.2, 1.1))),
             (0.7, 0.9),
             order=1,
             modes=["rev"],

@@ -223,17 +223,34 @@ def surprise(prior, posterior, *args, base=None, **kwargs):
 
 
 def _kl_samples(p, q, key, n):
+    """Per-draw log p(x) − log q(x) and a mask of usable draws, both (n, *batch)."""
     if p.has_rsample:
         x = p.rsample(key, (n,))
-        log_p = p.log_prob(x)
-        f = log_p - q.log_prob(x)
     else:
         x = lax.stop_gradient(p.sample(key, (n,)))
-        log_p = p.log_prob(x)
-        f = log_p - q.log_prob(x)
+    # Draws outside p's own support happen only through float rounding at a boundary (e.g. an
+    # Exponential draw of exactly 0); they have probability zero and are dropped. Outside q's
+    # support log q = −inf by definition, whatever log_prob returns there without validation.
+    valid = p.support(x)
+    log_p = jnp.where(valid, p.log_prob(x), 0.0)
+    in_q = q.support(x)
+    log_q = jnp.where(in_q, q.log_prob(x), -jnp.inf)
+    f = log_p - log_q
+    if not p.has_rsample:
         # Score-function term ("magic box"): value unchanged, gradient gains f · ∇log p.
         f = f + lax.stop_gradient(f) * (log_p - lax.stop_gradient(log_p))
-    return f
+    batch = jnp.broadcast_shapes(f.shape, valid.shape)
+    return jnp.broadcast_to(f, batch), jnp.broadcast_to(valid, batch)
+
+
+def _moments(f, valid):
+    """Count, mean and sum of squared deviations over the usable draws (axis 0)."""
+    w = valid.astype(f.dtype)
+    count = jnp.sum(w, axis=0)
+    f = jnp.where(valid, f, 0.0)
+    mean = jnp.sum(f, axis=0) / count
+    m2 = jnp.sum(jnp.where(valid, jnp.square(f - mean), 0.0), axis=0)
+    return count, mean, m2
 
 
 def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None = None,
@@ -264,10 +281,8 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
     if not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"kl_estimate: `num_samples` must be an int >= 2, got {num_samples!r}.")
     if batch_size is None or batch_size >= num_samples:
-        f = _kl_samples(p, q, key, num_samples)
-        f = jnp.broadcast_to(f, (num_samples, *batch_shape))
-        mean = jnp.mean(f, axis=0)
-        m2 = jnp.sum(jnp.square(f - mean), axis=0)
+        f, valid = _kl_samples(p, q, key, num_samples)
+        count, mean, m2 = _moments(f, valid)
     else:
         if not isinstance(batch_size, int) or batch_size < 1 or num_samples % batch_size:
             raise ValueError(
@@ -275,16 +290,14 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
                 f"{num_samples}, got batch_size={batch_size!r}."
             )
         num_chunks = num_samples // batch_size
-
-        def chunk(k):
-            f = jnp.broadcast_to(_kl_samples(p, q, k, batch_size), (batch_size, *batch_shape))
-            m = jnp.mean(f, axis=0)
-            return m, jnp.sum(jnp.square(f - m), axis=0)
-
-        means, m2s = lax.map(chunk, jax.random.split(key, num_chunks))
-        mean = jnp.mean(means, axis=0)
-        m2 = jnp.sum(m2s, axis=0) + batch_size * jnp.sum(jnp.square(means - mean), axis=0)
-    stderr = jnp.sqrt(m2 / (num_samples - 1) / num_samples)
+        counts, means, m2s = lax.map(
+            lambda k: _moments(*_kl_samples(p, q, k, batch_size)),
+            jax.random.split(key, num_chunks),
+        )
+        count = jnp.sum(counts, axis=0)
+        mean = jnp.sum(counts * means, axis=0) / count
+        m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
+    stderr = jnp.sqrt(m2 / (count - 1) / count)
     log_base = _log_base(base, mean.dtype)
     if log_base is not None:
         mean, stderr = mean / log_base, stderr / log_base
