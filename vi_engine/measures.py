@@ -123,7 +123,8 @@ def _validate(name, x, log_input):
             f"{name} has the entry {a[idx]} at index {idx} (event axis last); probabilities "
             "must be non-negative. For log-probabilities or logits pass log_input=True."
         )
-    tol = math.sqrt(float(np.finfo(a.dtype).eps)) * max(1.0, math.sqrt(a.shape[-1]))
+    ftype = a.dtype if np.issubdtype(a.dtype, np.floating) else np.float32
+    tol = math.sqrt(float(np.finfo(ftype).eps)) * max(1.0, math.sqrt(a.shape[-1]))
     sums = a.sum(axis=-1)
     off = np.abs(sums - 1.0) > tol
     if off.any():
