@@ -23,6 +23,7 @@ BDA3 §2.6 (gamma–Poisson).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -31,9 +32,10 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
-from jax.scipy.special import betaln, gammaln, xlogy
+from jax.scipy.special import gammaln, xlogy
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.util import cholesky_of_inverse
 
 from vi_engine.targets import Target
 
@@ -132,18 +134,26 @@ def normal_mean(y, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0) -> ExactProb
     dtype = _dtype(y, prior_loc, prior_scale, noise_scale)
     y = _as(y, dtype, "y", ndim=1)
     m0, s0, sigma = (jnp.asarray(v, dtype) for v in (prior_loc, prior_scale, noise_scale))
-    n = y.shape[0]
-    prec = 1.0 / s0**2 + n / sigma**2
-    post_var = 1.0 / prec
-    post_loc = post_var * (m0 / s0**2 + jnp.sum(y) / sigma**2)
-    post = dist.Normal(post_loc[None], jnp.sqrt(post_var)[None]).to_event(1)
+    post_loc, post_scale, log_ev = _normal_mean_solve(y, m0, s0, sigma)
+    post = dist.Normal(post_loc, post_scale).to_event(1)
     target = Target.from_log_density(
         _normal_mean_log_joint, 1, data=(y, m0, s0, sigma), name="normal_mean"
     )
+    return ExactProblem(target, post, log_ev, "normal_mean")
+
+
+@jax.jit
+def _normal_mean_solve(y, m0, s0, sigma):
+    n = y.shape[0]
+    post_var = 1.0 / (1.0 / s0**2 + n / sigma**2)
+    post_loc = post_var * (m0 / s0**2 + jnp.sum(y) / sigma**2)
+    post_scale = jnp.sqrt(post_var)
     # Candidate's formula p(D) = p(D|μ) p(μ) / p(μ|D), exact at any μ; take μ = m_n.
     zstar = post_loc[None]
-    log_ev = target(zstar) - post.log_prob(zstar)
-    return ExactProblem(target, post, log_ev, "normal_mean")
+    log_ev = _normal_mean_log_joint(zstar, y, m0, s0, sigma) - dist.Normal(
+        post_loc, post_scale
+    ).log_prob(post_loc)
+    return post_loc[None], post_scale[None], log_ev
 
 
 def make_normal_mean(
@@ -155,11 +165,15 @@ def make_normal_mean(
     >>> make_normal_mean(jax.random.key(0), n=10).true_params["mu"].shape
     ()
     """
-    dtype = _dtype(dtype=dtype)
+    mu, y = _draw_normal_mean(key, n, prior_loc, prior_scale, noise_scale, _dtype(dtype=dtype))
+    return normal_mean(y, prior_loc, prior_scale, noise_scale)._replace(true_params={"mu": mu})
+
+
+@partial(jax.jit, static_argnums=(1, 5))
+def _draw_normal_mean(key, n, prior_loc, prior_scale, noise_scale, dtype):
     k1, k2 = jax.random.split(key)
     mu = prior_loc + prior_scale * jax.random.normal(k1, (), dtype)
-    y = mu + noise_scale * jax.random.normal(k2, (n,), dtype)
-    return normal_mean(y, prior_loc, prior_scale, noise_scale)._replace(true_params={"mu": mu})
+    return mu, mu + noise_scale * jax.random.normal(k2, (n,), dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,21 +210,34 @@ def linear_regression(X, y, prior_scale=1.0, noise_scale=1.0) -> ExactProblem:
         )
     s0 = jnp.asarray(prior_scale, dtype)
     sigma = jnp.asarray(noise_scale, dtype)
-    n, d = X.shape
-    A = jnp.eye(d, dtype=dtype) / s0**2 + X.T @ X / sigma**2
-    L = jnp.linalg.cholesky(A)
-    b = X.T @ y / sigma**2
-    m = jax.scipy.linalg.cho_solve((L, True), b)
-    # Covariance A⁻¹ = L⁻ᵀ L⁻¹; its Cholesky factor from L without forming an inverse.
-    post = dist.MultivariateNormal(loc=m, precision_matrix=A)
-    r = y - X @ m
-    quad = jnp.sum(r**2) / sigma**2 + jnp.sum(m**2) / s0**2
-    logdet = 2 * n * jnp.log(sigma) + 2 * d * jnp.log(s0) + 2 * jnp.sum(jnp.log(jnp.diag(L)))
-    log_ev = -0.5 * (n * _LOG_2PI + logdet + quad)
+    m, scale_tril, log_ev = _linreg_solve(X, y, s0, sigma)
+    post = dist.MultivariateNormal(loc=m, scale_tril=scale_tril)
     target = Target.from_log_density(
-        _linreg_log_joint, d, data=(X, y, s0, sigma), name="linear_regression"
+        _linreg_log_joint, X.shape[1], data=(X, y, s0, sigma), name="linear_regression"
     )
     return ExactProblem(target, post, log_ev, "linear_regression")
+
+
+@jax.jit
+def _linreg_solve(X, y, s0, sigma):
+    n, d = X.shape
+    A = jnp.eye(d, dtype=X.dtype) / s0**2 + X.T @ X / sigma**2
+    L = jnp.linalg.cholesky(A)
+    m = jax.scipy.linalg.cho_solve((L, True), X.T @ y / sigma**2)
+    # Cholesky factor of the covariance A⁻¹ from the precision, by numpyro's flip trick
+    # (a triangular solve, no general inverse).
+    scale_tril = cholesky_of_inverse(A)
+    quad = jnp.sum((y - X @ m) ** 2) / sigma**2 + jnp.sum(m**2) / s0**2
+    logdet = 2 * n * jnp.log(sigma) + 2 * d * jnp.log(s0) + 2 * jnp.sum(jnp.log(jnp.diag(L)))
+    return m, scale_tril, -0.5 * (n * _LOG_2PI + logdet + quad)
+
+
+@partial(jax.jit, static_argnums=(1, 2, 5))
+def _draw_linear_regression(key, n, d, noise_scale, prior_scale, dtype):
+    kx, kw, ke = jax.random.split(key, 3)
+    X = jax.random.normal(kx, (n, d), dtype)
+    w = prior_scale * jax.random.normal(kw, (d,), dtype)
+    return X, w, X @ w + noise_scale * jax.random.normal(ke, (n,), dtype)
 
 
 def make_linear_regression(
@@ -222,11 +249,7 @@ def make_linear_regression(
     >>> make_linear_regression(jax.random.key(1), n=20, d=2).true_params["w"].shape
     (2,)
     """
-    dtype = _dtype(dtype=dtype)
-    kx, kw, ke = jax.random.split(key, 3)
-    X = jax.random.normal(kx, (n, d), dtype)
-    w = prior_scale * jax.random.normal(kw, (d,), dtype)
-    y = X @ w + noise_scale * jax.random.normal(ke, (n,), dtype)
+    X, w, y = _draw_linear_regression(key, n, d, noise_scale, prior_scale, _dtype(dtype=dtype))
     return linear_regression(X, y, prior_scale, noise_scale)._replace(true_params={"w": w})
 
 
@@ -259,16 +282,33 @@ def gaussian(mean, cov, offset=0.0) -> ExactProblem:
     d = mean.shape[0]
     if cov.shape != (d, d):
         raise ValueError(f"gaussian: cov must have shape ({d}, {d}); got {cov.shape}.")
-    L = jnp.linalg.cholesky(cov)
+    offset = jnp.asarray(offset, dtype)
+    L, log_ev = _gaussian_solve(cov, offset)
     if not isinstance(L, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(L))):
         raise ValueError("gaussian: cov is not symmetric positive definite (Cholesky failed).")
-    offset = jnp.asarray(offset, dtype)
     post = dist.MultivariateNormal(loc=mean, scale_tril=L)
-    log_ev = offset + 0.5 * d * _LOG_2PI + jnp.sum(jnp.log(jnp.diag(L)))
     target = Target.from_log_density(
         _gaussian_log_density, d, data=(mean, L, offset), name="gaussian"
     )
     return ExactProblem(target, post, log_ev, "gaussian")
+
+
+@jax.jit
+def _gaussian_solve(cov, offset):
+    L = jnp.linalg.cholesky(cov)
+    return L, offset + 0.5 * cov.shape[0] * _LOG_2PI + jnp.sum(jnp.log(jnp.diag(L)))
+
+
+@partial(jax.jit, static_argnums=(1, 3))
+def _draw_gaussian(key, d, correlation, dtype):
+    km, ks, kr, ko = jax.random.split(key, 4)
+    mean = jax.random.normal(km, (d,), dtype)
+    scales = jnp.exp(0.5 * jax.random.normal(ks, (d,), dtype))
+    R = (1 - correlation) * jnp.eye(d, dtype=dtype) + correlation * jnp.ones((d, d), dtype)
+    B = 0.1 * jax.random.normal(kr, (d, d), dtype)
+    R = R + B @ B.T
+    cov = scales[:, None] * R * scales[None, :]
+    return mean, cov, 5.0 * jax.random.normal(ko, (), dtype)
 
 
 def make_gaussian(key, d=5, correlation=0.8, dtype=None) -> ExactProblem:
@@ -279,15 +319,7 @@ def make_gaussian(key, d=5, correlation=0.8, dtype=None) -> ExactProblem:
     >>> make_gaussian(jax.random.key(0), d=4).posterior.event_shape
     (4,)
     """
-    dtype = _dtype(dtype=dtype)
-    km, ks, kr, ko = jax.random.split(key, 4)
-    mean = jax.random.normal(km, (d,), dtype)
-    scales = jnp.exp(0.5 * jax.random.normal(ks, (d,), dtype))
-    R = (1 - correlation) * jnp.eye(d, dtype=dtype) + correlation * jnp.ones((d, d), dtype)
-    B = 0.1 * jax.random.normal(kr, (d, d), dtype)
-    R = R + B @ B.T
-    cov = scales[:, None] * R * scales[None, :]
-    offset = 5.0 * jax.random.normal(ko, (), dtype)
+    mean, cov, offset = _draw_gaussian(key, d, correlation, _dtype(dtype=dtype))
     return gaussian(mean, cov, offset)._replace(true_params={"mean": mean, "cov": cov})
 
 
@@ -327,12 +359,30 @@ def beta_binomial(successes, trials, a=1.0, b=1.0) -> ExactProblem:
     if k.shape != n.shape:
         raise ValueError(f"beta_binomial: successes {k.shape} and trials {n.shape} differ.")
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    K, N = jnp.sum(k), jnp.sum(n)
-    post = _unconstrained_posterior(dist.Beta(a + K, b + N - K), constraints.unit_interval)
-    log_binom = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
-    log_ev = jnp.sum(log_binom) + betaln(a + K, b + N - K) - betaln(a, b)
+    a_post, b_post, log_ev = _beta_binomial_solve(k, n, a, b)
+    post = _unconstrained_posterior(dist.Beta(a_post, b_post), constraints.unit_interval)
     target = Target.from_numpyro(_beta_binomial_model, k, n, a, b)
     return ExactProblem(target, post, log_ev, "beta_binomial")
+
+
+def _betaln(a, b):
+    # Not jax.scipy.special.betaln: in jax 0.10 it is off by ~5e-7 in float64 at (5, 10.5).
+    return gammaln(a) + gammaln(b) - gammaln(a + b)
+
+
+@jax.jit
+def _beta_binomial_solve(k, n, a, b):
+    K, N = jnp.sum(k), jnp.sum(n)
+    log_binom = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+    log_ev = jnp.sum(log_binom) + _betaln(a + K, b + N - K) - _betaln(a, b)
+    return a + K, b + N - K, log_ev
+
+
+@partial(jax.jit, static_argnums=(1, 2, 5))
+def _draw_beta_binomial(key, n, trials, a, b, dtype):
+    kp, kd = jax.random.split(key)
+    p = jax.random.beta(kp, a, b, dtype=dtype)
+    return p, jax.random.binomial(kd, trials, p, shape=(n,), dtype=dtype)
 
 
 def make_beta_binomial(key, n=10, trials=20, a=2.0, b=3.0, dtype=None) -> ExactProblem:
@@ -343,10 +393,8 @@ def make_beta_binomial(key, n=10, trials=20, a=2.0, b=3.0, dtype=None) -> ExactP
     1
     """
     dtype = _dtype(dtype=dtype)
-    kp, kd = jax.random.split(key)
-    p = jax.random.beta(kp, a, b, dtype=dtype)
-    k = jax.random.binomial(kd, trials, p, shape=(n,), dtype=dtype)
-    t = jnp.full((n,), trials, dtype)
+    p, k = _draw_beta_binomial(key, n, trials, a, b, dtype)
+    t = np.full((n,), trials, dtype)
     return beta_binomial(k, t, a, b)._replace(true_params={"p": p})
 
 
@@ -371,8 +419,15 @@ def gamma_poisson(counts, a=1.0, b=1.0) -> ExactProblem:
     dtype = _dtype(a, b)
     c = _as(counts, dtype, "counts", ndim=1)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    a_post, b_post, log_ev = _gamma_poisson_solve(c, a, b)
+    post = _unconstrained_posterior(dist.Gamma(a_post, b_post), constraints.positive)
+    target = Target.from_numpyro(_gamma_poisson_model, c, a, b)
+    return ExactProblem(target, post, log_ev, "gamma_poisson")
+
+
+@jax.jit
+def _gamma_poisson_solve(c, a, b):
     S, n = jnp.sum(c), c.shape[0]
-    post = _unconstrained_posterior(dist.Gamma(a + S, b + n), constraints.positive)
     log_ev = (
         a * jnp.log(b)
         - gammaln(a)
@@ -380,8 +435,14 @@ def gamma_poisson(counts, a=1.0, b=1.0) -> ExactProblem:
         - (a + S) * jnp.log(b + n)
         - jnp.sum(gammaln(c + 1))
     )
-    target = Target.from_numpyro(_gamma_poisson_model, c, a, b)
-    return ExactProblem(target, post, log_ev, "gamma_poisson")
+    return a + S, b + n, log_ev
+
+
+@partial(jax.jit, static_argnums=(1, 4))
+def _draw_gamma_poisson(key, n, a, b, dtype):
+    kl, kc = jax.random.split(key)
+    lam = jax.random.gamma(kl, a, dtype=dtype) / b
+    return lam, jax.random.poisson(kc, lam, (n,)).astype(dtype)
 
 
 def make_gamma_poisson(key, n=20, a=2.0, b=1.0, dtype=None) -> ExactProblem:
@@ -391,10 +452,7 @@ def make_gamma_poisson(key, n=20, a=2.0, b=1.0, dtype=None) -> ExactProblem:
     >>> make_gamma_poisson(jax.random.key(0)).true_params["rate"].shape
     ()
     """
-    dtype = _dtype(dtype=dtype)
-    kl, kc = jax.random.split(key)
-    lam = jax.random.gamma(kl, a, dtype=dtype) / b
-    c = jax.random.poisson(kc, lam, (n,)).astype(dtype)
+    lam, c = _draw_gamma_poisson(key, n, a, b, _dtype(dtype=dtype))
     return gamma_poisson(c, a, b)._replace(true_params={"rate": lam})
 
 
@@ -425,14 +483,28 @@ def dirichlet_categorical(counts, alpha) -> ExactProblem:
     alpha = jnp.broadcast_to(_as(alpha, dtype, "alpha"), c.shape)
     if not isinstance(c, jax.core.Tracer) and bool(jnp.any(c < 0)):
         raise ValueError(f"dirichlet_categorical: counts must be >= 0; got {c}.")
+    log_ev = _dirichlet_categorical_solve(c, alpha)
     post = _unconstrained_posterior(dist.Dirichlet(alpha + c), constraints.simplex)
-    log_ev = (
+    target = Target.from_numpyro(_dirichlet_categorical_model, c, alpha)
+    return ExactProblem(target, post, log_ev, "dirichlet_categorical")
+
+
+@jax.jit
+def _dirichlet_categorical_solve(c, alpha):
+    return (
         gammaln(jnp.sum(alpha))
         - gammaln(jnp.sum(alpha) + jnp.sum(c))
         + jnp.sum(gammaln(alpha + c) - gammaln(alpha))
     )
-    target = Target.from_numpyro(_dirichlet_categorical_model, c, alpha)
-    return ExactProblem(target, post, log_ev, "dirichlet_categorical")
+
+
+@partial(jax.jit, static_argnums=(1, 2, 4))
+def _draw_dirichlet_categorical(key, n, k, alpha, dtype):
+    kp, kd = jax.random.split(key)
+    alpha = jnp.full((k,), alpha, dtype)
+    p = jax.random.dirichlet(kp, alpha, dtype=dtype)
+    draws = jax.random.categorical(kd, jnp.log(p), shape=(n,))
+    return alpha, p, jnp.zeros((k,), dtype).at[draws].add(1.0)
 
 
 def make_dirichlet_categorical(key, n=50, k=4, alpha=1.0, dtype=None) -> ExactProblem:
@@ -442,12 +514,7 @@ def make_dirichlet_categorical(key, n=50, k=4, alpha=1.0, dtype=None) -> ExactPr
     >>> make_dirichlet_categorical(jax.random.key(0), k=3).target.dim
     2
     """
-    dtype = _dtype(dtype=dtype)
-    kp, kd = jax.random.split(key)
-    alpha = jnp.full((k,), alpha, dtype)
-    p = jax.random.dirichlet(kp, alpha, dtype=dtype)
-    draws = jax.random.categorical(kd, jnp.log(p), shape=(n,))
-    counts = jnp.zeros((k,), dtype).at[draws].add(1.0)
+    alpha, p, counts = _draw_dirichlet_categorical(key, n, k, alpha, _dtype(dtype=dtype))
     return dirichlet_categorical(counts, alpha)._replace(true_params={"probs": p})
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import operator
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -83,6 +84,7 @@ class _NumpyroSpec:
     static_leaves: tuple  # (position, value) of the non-array leaves of (args, kwargs)
     num_leaves: int
     sites: tuple  # of _SiteSpec, model order; latent sites then deterministic sites
+    observed: tuple  # names of observed sample sites
 
     def args_kwargs(self, arrays):
         leaves = [None] * self.num_leaves
@@ -274,51 +276,43 @@ class Target:
         (10,)
         """
         arrays, static, num_leaves, treedef = _split_args(args, kwargs)
-        tr = trace(seed(model, rng_seed=0)).get_trace(*args, **kwargs)
         model_name = getattr(model, "__name__", "model")
-        latent, deterministic = [], []
-        for site_name, site in tr.items():
+        partial_spec = _NumpyroSpec(model, treedef, static, num_leaves, (), ())
+        records = []
+
+        def inspect(*arrays):
+            args, kwargs = partial_spec.args_kwargs(arrays)
+            records[:] = _trace_at_zero(model, model_name, args, kwargs).items()
+
+        # Abstract evaluation: site shapes and supports without compiling or sampling anything;
+        # a model with value-dependent Python control flow falls back to a concrete trace.
+        try:
+            jax.eval_shape(inspect, *arrays)
+        except jax.errors.ConcretizationTypeError:
+            inspect(*arrays)
+        latent, deterministic, observed = [], [], []
+        for site_name, site in records:
             if site["type"] == "deterministic":
                 shape = tuple(jnp.shape(site["value"]))
                 deterministic.append(_SiteSpec(site_name, shape, shape, 0, True))
-                continue
-            if site["type"] != "sample":
-                continue
-            fn = site["fn"]
-            if site["is_observed"]:
-                value = site["value"]
-                if not _is_tracer(value) and value is not None:
-                    value = np.asarray(value)
-                    if np.issubdtype(value.dtype, np.inexact):
-                        bad = int(np.sum(~np.isfinite(value)))
-                        if bad:
-                            raise ValueError(
-                                f"from_numpyro({model_name}): observed site {site_name!r} has "
-                                f"{bad} NaN/inf entries out of {value.size} (shape "
-                                f"{value.shape}); drop or impute them before fitting (or use "
-                                "numpyro.handlers.mask)."
-                            )
-                continue
-            if fn.support.is_discrete or getattr(fn, "has_enumerate_support", False):
-                raise ValueError(
-                    f"from_numpyro({model_name}): latent site {site_name!r} is discrete "
-                    f"({type(fn).__name__}, support {fn.support}); discrete latent sites are not "
-                    "supported (enumeration is later work). Marginalize it out in the model."
-                )
-            shape = tuple(jnp.shape(site["value"]))
-            unc_shape = tuple(biject_to(fn.support).inverse_shape(shape))
-            size = math.prod(unc_shape)
-            latent.append(_SiteSpec(site_name, shape, unc_shape, size, False))
+            elif site["type"] == "sample" and site["is_observed"]:
+                observed.append(site_name)
+            elif site["type"] == "sample":
+                shape = tuple(jnp.shape(site["value"]))
+                unc_shape = tuple(biject_to(site["fn"].support).inverse_shape(shape))
+                latent.append(_SiteSpec(site_name, shape, unc_shape, math.prod(unc_shape), False))
         if not latent:
             raise ValueError(
                 f"from_numpyro({model_name}): the model has no latent sample sites "
                 "(every site is observed); there is nothing to infer."
             )
-        spec = _NumpyroSpec(model, treedef, static, num_leaves, tuple(latent + deterministic))
+        spec = _NumpyroSpec(
+            model, treedef, static, num_leaves, tuple(latent + deterministic), tuple(observed)
+        )
         dim = sum(s.size for s in latent)
         target = cls(spec, dim, arrays, model_name, spec)
         if not _any_tracer(arrays):
-            _check_test_point(target, what=f"the log density of model {model_name!r}")
+            _check_numpyro(target)
         return target
 
     # --- NumPyro site handling ----------------------------------------------------------------
@@ -410,17 +404,74 @@ class Target:
         return fn(values)
 
 
-def _check_test_point(target: Target, what: str) -> None:
-    dtype = jnp.result_type(
-        float,
-        *[
-            x
-            for x in jax.tree_util.tree_leaves(target.data)
-            if jnp.issubdtype(jnp.result_type(x), jnp.floating)
-        ],
+def _trace_at_zero(model, model_name, args, kwargs):
+    """Trace ``model`` with every latent site at the image of unconstrained zeros (no sampling).
+
+    Raises the discrete-latent-site error as soon as such a site is met.
+    """
+
+    def substitute_fn(site):
+        if site["type"] != "sample" or site["is_observed"]:
+            return None
+        fn = site["fn"]
+        if fn.support.is_discrete or getattr(fn, "has_enumerate_support", False):
+            raise ValueError(
+                f"from_numpyro({model_name}): latent site {site['name']!r} is discrete "
+                f"({type(fn).__name__}, support {fn.support}); discrete latent sites are not "
+                "supported (enumeration is later work). Marginalize it out in the model."
+            )
+        t = biject_to(fn.support)
+        return t(jnp.zeros(t.inverse_shape(tuple(fn.shape()))))
+
+    model = substitute(seed(model, rng_seed=0), substitute_fn=substitute_fn)
+    return trace(model).get_trace(*args, **kwargs)
+
+
+@partial(jax.jit, static_argnums=0)
+def _numpyro_checks(spec, z0, *arrays):
+    # One compiled program per (model, shapes), cached across constructions: the log density
+    # at z = 0 and the number of non-finite entries of each observed value.
+    args, kwargs = spec.args_kwargs(arrays)
+    tr = _trace_at_zero(spec.model, "", args, kwargs)
+    bad = {}
+    for name in spec.observed:
+        v = jnp.asarray(tr[name]["value"])
+        bad[name] = jnp.sum(~jnp.isfinite(v))
+    return spec(z0, *arrays), bad
+
+
+def _check_numpyro(target: Target) -> None:
+    spec = target._spec
+    dtype = _float_dtype(target.data)
+    value, bad = _numpyro_checks(spec, jnp.zeros((target.dim,), dtype), *target.data)
+    if _is_tracer(value):
+        return
+    for name in spec.observed:
+        count = int(bad[name])
+        if count:
+            raise ValueError(
+                f"from_numpyro({target.name}): observed site {name!r} has {count} NaN/inf "
+                "entries; drop or impute them before fitting (or mask them with "
+                "numpyro.handlers.mask)."
+            )
+    _check_value(target, value, what=f"the log density of model {target.name!r}")
+
+
+def _float_dtype(data):
+    leaves = jax.tree_util.tree_leaves(data)
+    return jnp.result_type(
+        float, *[x for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     )
-    z0 = jnp.zeros((target.dim,), dtype)
-    value = target._fn(z0, *target.data)
+
+
+def _check_test_point(target: Target, what: str) -> None:
+    z0 = jnp.zeros((target.dim,), _float_dtype(target.data))
+    # jit: one compilation (cached per function and shapes) instead of one per eager op.
+    value = jax.jit(target._fn)(z0, *target.data)
+    _check_value(target, value, what)
+
+
+def _check_value(target: Target, value, what: str) -> None:
     if _is_tracer(value):  # the function closes over traced values: skip, as numpyro does
         return
     shape = jnp.shape(value)

@@ -1,0 +1,237 @@
+"""Tests for vi_engine.exact: exact posteriors and evidences against independent references,
+and the seed's eq. 5, ELBO(q) = log p(D) − KL(q‖p*), checked on every problem."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions.kl import kl_divergence
+from scipy import integrate, stats
+
+from vi_engine import exact
+
+NAMES = [
+    "normal_mean",
+    "linear_regression",
+    "gaussian",
+    "beta_binomial",
+    "gamma_poisson",
+    "dirichlet_categorical",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(scope="module")
+def problems(x64):
+    return exact.make_all(jax.random.key(0))
+
+
+def _quad_log_evidence(target, lo=-30.0, hi=30.0, points=None):
+    """log ∫ exp(log p̃(z)) dz over R (1-d targets), by adaptive quadrature."""
+    f = jax.jit(lambda z: target(jnp.reshape(z, (1,))))
+    zs = np.linspace(lo, hi, 4001)
+    vals = np.asarray(jax.vmap(f)(jnp.asarray(zs)))
+    shift = vals.max()
+    val, _ = integrate.quad(
+        lambda z: np.exp(float(f(z)) - shift),
+        lo,
+        hi,
+        points=[zs[vals.argmax()]],
+        limit=200,
+        epsabs=0,
+        epsrel=1e-11,
+    )
+    return shift + np.log(val)
+
+
+# --- THE key test: p̃(z) / p(D) = p*(z) at random points, for every problem ----------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_target_minus_evidence_is_posterior_log_prob(problems, name):
+    p = problems[name]
+    d = p.target.dim
+    assert p.posterior.event_shape == (d,) and p.posterior.batch_shape == ()
+    assert p.log_evidence.shape == () and p.log_evidence.dtype == jnp.float64
+    k1, k2 = jax.random.split(jax.random.key(1))
+    z = jnp.concatenate(
+        [
+            p.posterior.sample(k1, (50,)),
+            3.0 * jax.random.normal(k2, (50, d)),  # far from the mode too
+        ]
+    )
+    np.testing.assert_allclose(
+        p.target(z) - p.log_evidence, p.posterior.log_prob(z), rtol=1e-9, atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("name", ["linear_regression", "dirichlet_categorical"])
+def test_float32_problems(name):
+    with jax.enable_x64(False):
+        p = getattr(exact, "make_" + name)(jax.random.key(2))
+        z = p.posterior.sample(jax.random.key(3), (20,))
+        assert z.dtype == jnp.float32 and p.log_evidence.dtype == jnp.float32
+        np.testing.assert_allclose(
+            p.target(z) - p.log_evidence, p.posterior.log_prob(z), rtol=1e-4, atol=1e-3
+        )
+
+
+# --- posteriors and evidences against independent computations --------------------------------
+def test_normal_mean_against_scipy():
+    y = np.array([0.3, 1.7, 0.9, 1.2, 2.1])
+    m0, s0, sigma = 0.5, 2.0, 0.7
+    p = exact.normal_mean(jnp.asarray(y), m0, s0, sigma)
+    n = y.size
+    cov = sigma**2 * np.eye(n) + s0**2 * np.ones((n, n))
+    ref = stats.multivariate_normal(m0 * np.ones(n), cov).logpdf(y)
+    np.testing.assert_allclose(p.log_evidence, ref, rtol=1e-12)
+    np.testing.assert_allclose(p.log_evidence, _quad_log_evidence(p.target), rtol=1e-9)
+    # posterior by Gaussian conditioning of the joint (μ, y), a different formula
+    k = s0**2 * np.ones(n)
+    mean = m0 + k @ np.linalg.solve(cov, y - m0)
+    var = s0**2 - k @ np.linalg.solve(cov, k)
+    np.testing.assert_allclose(p.posterior.mean, [mean], rtol=1e-12)
+    np.testing.assert_allclose(p.posterior.variance, [var], rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,d", [(40, 3), (3, 6)])
+def test_linear_regression_against_scipy(n, d):
+    p = exact.make_linear_regression(jax.random.key(n), n=n, d=d, noise_scale=0.5, prior_scale=1.5)
+    X, y = (np.asarray(a) for a in p.target.data[:2])
+    ref = stats.multivariate_normal(np.zeros(n), 0.25 * np.eye(n) + 2.25 * X @ X.T).logpdf(y)
+    np.testing.assert_allclose(p.log_evidence, ref, rtol=1e-10)
+    cov = np.linalg.inv(np.eye(d) / 2.25 + X.T @ X / 0.25)
+    np.testing.assert_allclose(p.posterior.covariance_matrix, cov, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(p.posterior.mean, cov @ X.T @ y / 0.25, rtol=1e-9, atol=1e-12)
+
+
+def test_gaussian_against_scipy():
+    mean = np.array([1.0, -2.0, 0.5])
+    A = np.array([[2.0, 0.0, 0.0], [1.5, 0.7, 0.0], [-0.3, 0.4, 0.2]])
+    cov = A @ A.T
+    p = exact.gaussian(jnp.asarray(mean), jnp.asarray(cov), offset=-7.3)
+    z = np.random.default_rng(0).normal(size=(10, 3))
+    ref = stats.multivariate_normal(mean, cov).logpdf(z)
+    np.testing.assert_allclose(p.target(jnp.asarray(z)) - p.log_evidence, ref, rtol=1e-10)
+    np.testing.assert_allclose(
+        p.log_evidence, -7.3 + 0.5 * np.linalg.slogdet(2 * np.pi * cov)[1], rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="positive definite"):
+        exact.gaussian(jnp.zeros(2), jnp.array([[1.0, 2.0], [2.0, 1.0]]))
+
+
+def test_beta_binomial_against_scipy():
+    k, n, a, b = np.array([3, 0, 9]), np.array([10, 4, 12]), 2.0, 3.5
+    p = exact.beta_binomial(jnp.asarray(k), jnp.asarray(n), a, b)
+    np.testing.assert_allclose(p.log_evidence, _quad_log_evidence(p.target), rtol=1e-7)
+    # one group: the evidence is the beta-binomial pmf
+    p1 = exact.beta_binomial(jnp.array([3]), jnp.array([10]), a, b)
+    np.testing.assert_allclose(p1.log_evidence, stats.betabinom(10, a, b).logpmf(3), rtol=1e-12)
+    # posterior mean of p, through the target's own constrain, by quadrature
+    g = jax.jit(lambda z: p.target.constrain(z)["p"] * jnp.exp(p.target(z) - p.log_evidence))
+    mean = integrate.quad(lambda z: float(g(jnp.array([z]))), -30, 30, epsrel=1e-10)[0]
+    np.testing.assert_allclose(mean, stats.beta(a + 12, b + 14).mean(), rtol=1e-8)
+
+
+def test_gamma_poisson_against_scipy():
+    c, a, b = np.array([2, 4, 3, 0, 7]), 2.0, 0.5
+    p = exact.gamma_poisson(jnp.asarray(c), a, b)
+    np.testing.assert_allclose(p.log_evidence, _quad_log_evidence(p.target), rtol=1e-9)
+    # one count: the evidence is a negative binomial pmf (scipy parametrization)
+    p1 = exact.gamma_poisson(jnp.array([4]), a, b)
+    np.testing.assert_allclose(p1.log_evidence, stats.nbinom(a, b / (b + 1)).logpmf(4), rtol=1e-12)
+    lam = p.posterior.sample(jax.random.key(0), (20000,))
+    np.testing.assert_allclose(np.exp(lam).mean(), (a + c.sum()) / (b + c.size), rtol=0.02)
+
+
+def test_dirichlet_categorical_against_polya_urn():
+    alpha = np.array([0.5, 2.0, 1.0])
+    seq = [0, 2, 2, 1, 2, 0, 2]
+    counts = np.bincount(seq, minlength=3).astype(float)
+    p = exact.dirichlet_categorical(jnp.asarray(counts), jnp.asarray(alpha))
+    # sequential predictive (Pólya urn): p(y_t | y_<t) = (α_k + c_k) / (Σα + t)
+    ref, c = 0.0, np.zeros(3)
+    for t, y in enumerate(seq):
+        ref += np.log((alpha[y] + c[y]) / (alpha.sum() + t))
+        c[y] += 1
+    np.testing.assert_allclose(p.log_evidence, ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="counts has 1 NaN"):
+        exact.dirichlet_categorical(jnp.array([1.0, jnp.nan]), jnp.ones(2))
+
+
+def test_generators_are_seeded():
+    a = exact.make_linear_regression(jax.random.key(5), n=10, d=2)
+    b = exact.make_linear_regression(jax.random.key(5), n=10, d=2)
+    np.testing.assert_array_equal(a.log_evidence, b.log_evidence)
+    assert a.true_params["w"].shape == (2,)
+    assert jax.tree_util.tree_structure(a.target) == jax.tree_util.tree_structure(b.target)
+
+
+# --- the seed's eq. 5: ELBO(q) = log p(D) − KL(q‖p*) -------------------------------------------
+S = 20_000
+
+
+@jax.jit
+def _elbo_terms(target, posterior, q, key):
+    """Per-draw log p̃(z) − log q(z) and log q(z) − log p*(z), z ~ q: (S,) each."""
+    z = q.sample(key, (S,))
+    log_q = q.log_prob(z)
+    return target(z) - log_q, log_q - posterior.log_prob(z)
+
+
+def _closed_form_q(p):
+    """An arbitrary q whose KL(q‖p*) has a closed form independent of the target."""
+    post = p.posterior
+    if isinstance(post, dist.MultivariateNormal):
+        d = post.event_shape[0]
+        L = jnp.linalg.cholesky(0.6 * post.covariance_matrix + 0.1 * jnp.eye(d))
+        q = dist.MultivariateNormal(post.mean + 0.4, scale_tril=L)
+        return q, kl_divergence(q, post)
+    if isinstance(post, dist.Independent):  # normal mean: N(m, s) to_event(1)
+        base = post.base_dist
+        q = dist.Normal(base.loc + 0.5, 1.7 * base.scale).to_event(1)
+        return q, kl_divergence(q, post)
+    # Transformed conjugate posteriors: the same bijection of a perturbed base. KL is invariant
+    # under a shared bijection, so KL(q‖p*) = KL(q_base‖p_base), registered in numpyro.
+    base = inner = post.base_dist
+    while isinstance(inner, (dist.Independent, dist.ExpandedDistribution)):
+        inner = inner.base_dist
+    if isinstance(inner, dist.Beta):
+        q_inner = dist.Beta(inner.concentration1 * 1.3, inner.concentration0 * 0.8)
+    elif isinstance(inner, dist.Gamma):
+        q_inner = dist.Gamma(inner.concentration * 0.7, inner.rate * 0.9)
+    else:
+        k = inner.event_shape[0]
+        q_inner = dist.Dirichlet(inner.concentration * jnp.linspace(0.6, 1.4, k))
+    q_base = q_inner if base is inner else q_inner.expand((1,)).to_event(1)
+    q = dist.TransformedDistribution(q_base, post.transforms)
+    return q, jnp.sum(kl_divergence(q_inner, inner))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eq5_elbo_is_log_evidence_minus_kl(problems, name):
+    p = problems[name]
+    d = p.target.dim
+    # (1) q with a closed-form KL(q‖p*): MC ELBO within 4 standard errors of log p(D) − KL.
+    q, kl = _closed_form_q(p)
+    assert q.event_shape == (d,)
+    w, log_ratio = _elbo_terms(p.target, p.posterior, q, jax.random.key(7))
+    elbo, se = w.mean(), w.std() / np.sqrt(S)
+    assert kl > 0
+    assert abs(elbo - (p.log_evidence - kl)) < 4 * se + 1e-10, (elbo, p.log_evidence - kl, se)
+    # ... and with the same draws the identity holds exactly, up to float error.
+    np.testing.assert_allclose(elbo, p.log_evidence - log_ratio.mean(), rtol=1e-10)
+
+    # (2) a mean-field Gaussian q (no closed-form KL to the transformed posteriors): MC ELBO vs
+    # log p(D) − MC KL from independent draws, combined standard errors.
+    m = p.posterior.sample(jax.random.key(8), (2000,)).mean(0)
+    q = dist.Normal(m + 0.3, 0.5 * jnp.ones(d)).to_event(1)
+    w, _ = _elbo_terms(p.target, p.posterior, q, jax.random.key(9))
+    _, log_ratio = _elbo_terms(p.target, p.posterior, q, jax.random.key(10))
+    elbo, kl = w.mean(), log_ratio.mean()
+    se = np.sqrt(w.var() / S + log_ratio.var() / S)
+    assert abs(elbo - (p.log_evidence - kl)) < 4 * se, (elbo, p.log_evidence - kl, se)
