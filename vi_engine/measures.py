@@ -243,11 +243,12 @@ def _in_base(value, base):
 
 
 def _entropy(t: _Table):
-    return -jnp.sum(jnp.where(t.pos, t.prob * t.logp, 0), axis=-1)
+    # "0.0 -" rather than unary minus: a certain outcome has entropy 0.0, not -0.0
+    return 0.0 - jnp.sum(jnp.where(t.pos, t.prob * t.logp, 0), axis=-1)
 
 
 def _cross_entropy(t: _Table, u: _Table):
-    ce = -jnp.sum(jnp.where(t.pos, t.prob * u.logp, 0), axis=-1)
+    ce = 0.0 - jnp.sum(jnp.where(t.pos, t.prob * u.logp, 0), axis=-1)
     return jnp.where(jnp.any(t.pos & ~u.pos, axis=-1), jnp.inf, ce)
 
 
@@ -329,7 +330,7 @@ def _joint_kernel(joint, base, *, kind, log_input):
         terms = jnp.where(xy.pos, xy.prob * (xy.logp - lx - ly), 0)
         return _in_base(jnp.sum(terms, axis=(-2, -1)), base)
     terms = jnp.where(xy.pos, xy.prob * (xy.logp - ly), 0)
-    return _in_base(-jnp.sum(terms, axis=(-2, -1)), base)
+    return _in_base(0.0 - jnp.sum(terms, axis=(-2, -1)), base)
 
 
 def _pair(kind, names, p, q, axis, base, log_input, validate):
