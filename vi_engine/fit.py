@@ -50,10 +50,21 @@ DEFAULT_MAX_STEPS = 20_000
 DEFAULT_LEARNING_RATE = 0.05
 
 
+DEFAULT_B2 = 0.99
+
+
 @functools.cache
 def default_optimizer(learning_rate: float = DEFAULT_LEARNING_RATE) -> optax.GradientTransformation:
-    """Adam with the default step size; cached so that repeated fits reuse compiled code."""
-    return optax.adam(learning_rate)
+    """Adam(learning_rate, b2=0.99); cached so that repeated fits reuse compiled code.
+
+    Why b2 = 0.99 rather than Adam's 0.999: one heavy-tailed draw inflates Adam's second-moment
+    estimate, and with b2 = 0.999 it takes ~1000 steps to decay, during which the steps are tiny
+    and the stopping rule reads a plateau. Measured on eight schools (non-centred, full-rank, 4
+    seeds): b2 = 0.999 stopped once 1.2 nats below the optimum ELBO (-32.81 vs -31.55); b2 = 0.99
+    reached -31.53 to -31.60 on all four, and still fits Bayesian linear regression (N=500, d=20)
+    to KL(q‖p*) < 1e-4.
+    """
+    return optax.adam(learning_rate, b2=DEFAULT_B2)
 
 
 class StoppingRule(NamedTuple):
@@ -371,8 +382,8 @@ def fit(
       key: PRNG key (required; split internally, never reused).
       num_steps: with ``tol=None``, exactly this many steps; with ``tol`` set, a cap (default
         ``max_steps``).
-      optimizer: an optax ``GradientTransformation`` (default Adam(0.05) with the plateau
-        step-size cuts). Pass the same object again to reuse compiled code.
+      optimizer: an optax ``GradientTransformation`` (default Adam(0.05, b2=0.99) with the
+        plateau step-size cuts). Pass the same object again to reuse compiled code.
       num_samples: draws per gradient estimate (default 1).
       objective: ``"elbo"`` (STL estimator), ``"elbo-reparam"``, ``"elbo-entropy"``,
         ``"iwae"``, ``"renyi"``, or ``vi.ELBO(...)``, ``vi.IWAE(...)``, ``vi.Renyi(...)``.
