@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions.kl as _nkl
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import gammaln, xlogy
 from numpyro.distributions import (
     BernoulliLogits,
@@ -309,18 +308,24 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
 # ------------------------------------------------------------------------------------------------
 
 
+def _trsm(L, B):
+    # lax's primitive directly: on CPU it is several times faster than the jax.scipy wrapper for
+    # large batches of small matrices (the benchmark's 10⁴ × 32 × 32 case).
+    return lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
+
+
 def _solve_tril(L, B):
     """L⁻¹ B for lower-triangular L (…, d, d) and B (…, d, k), broadcasting batch dims."""
     d = L.shape[-1]
     if L.ndim == 2 and B.ndim > 2:
         # One factor for the whole batch: move the batch into right-hand-side columns.
         cols = jnp.moveaxis(B, -2, 0).reshape(d, -1)
-        x = solve_triangular(L, cols, lower=True)
+        x = _trsm(L, cols)
         return jnp.moveaxis(x.reshape(d, *B.shape[:-2], B.shape[-1]), 0, -2)
     batch = lax.broadcast_shapes(L.shape[:-2], B.shape[:-2])
     L = jnp.broadcast_to(L, (*batch, d, d))
     B = jnp.broadcast_to(B, (*batch, *B.shape[-2:]))
-    return solve_triangular(L, B, lower=True)
+    return _trsm(L, B)
 
 
 class _Gauss(NamedTuple):
