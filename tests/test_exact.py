@@ -50,6 +50,11 @@ def _quad_log_evidence(target, lo=-30.0, hi=30.0, points=None):
     return shift + np.log(val)
 
 
+@jax.jit
+def _gap(target, posterior, log_evidence, z):
+    return target(z) - log_evidence - posterior.log_prob(z)
+
+
 # --- THE key test: p̃(z) / p(D) = p*(z) at random points, for every problem ----------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_target_minus_evidence_is_posterior_log_prob(problems, name):
@@ -64,12 +69,10 @@ def test_target_minus_evidence_is_posterior_log_prob(problems, name):
             3.0 * jax.random.normal(k2, (50, d)),  # far from the mode too
         ]
     )
-    np.testing.assert_allclose(
-        p.target(z) - p.log_evidence, p.posterior.log_prob(z), rtol=1e-9, atol=1e-8
-    )
+    np.testing.assert_allclose(_gap(p.target, p.posterior, p.log_evidence, z), 0.0, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["linear_regression", "dirichlet_categorical"])
+@pytest.mark.parametrize("name", ["gamma_poisson"])
 def test_float32_problems(name):
     with jax.enable_x64(False):
         p = getattr(exact, "make_" + name)(jax.random.key(2))
