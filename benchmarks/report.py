@@ -164,29 +164,32 @@ def _plot_accuracy(data, path) -> bool:
     if not entries:
         return False
     plt = _plt()
-    fams = sorted({r["family"] for e in entries for r in e["runs"]})
+    fams = sorted({r["family"] for e in entries for r in e["runs"]} - {"pathfinder"})
     fig, axes = plt.subplots(len(entries), len(fams), figsize=(4.2 * len(fams),
                              3.3 * len(entries)), squeeze=False)
     for i, e in enumerate(entries):
         for j, fam in enumerate(fams):
             ax = axes[i][j]
+            floor = None
             for r in e["runs"]:
-                if r["family"] != fam:
+                # Pathfinder's q is a full-covariance Gaussian: drawn on every panel as a star.
+                if r["family"] not in (fam, "pathfinder"):
                     continue
                 c = r["curve"]
                 kl = [max(k, 1e-6) if k == k else 1e6 for k in c["kl"]]
                 label = r["method"]
                 if r["method"].startswith("blackjax.") and "optimizer" in r["settings"]:
                     label += f" n={r['settings']['num_samples']} {r['settings']['optimizer']}"
-                style = "-o" if len(kl) == 1 else "-"
+                style = "*" if len(kl) == 1 else "-"
                 lw = 2.5 if r["method"] == "vi_engine" else 1.2
-                ax.plot(c["seconds"], kl, style, label=label, lw=lw, ms=4)
-                floor = r.get("floor")
-            if fam in ("meanfield", "fullrank") or fam == "lowrank":
-                if floor:
-                    ax.axhline(floor, color="k", ls=":", lw=1, label="family optimum")
+                ax.plot(c["seconds"], kl, style, label=label, lw=lw, ms=9)
+                if r["family"] == fam:
+                    floor = r.get("floor")
+            if floor:
+                ax.axhline(floor, color="k", ls=":", lw=1, label="family optimum")
             ax.axhline(1e-3, color="grey", ls="--", lw=0.8)
-            ax.axvline(e["exact_seconds_cold"] or 1e-4, color="grey", ls="-.", lw=0.8)
+            ax.axvline(e["exact_seconds_steady"] or 1e-4, color="grey", ls="-.", lw=0.8,
+                       label="exact posterior (steady)")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{e['problem']} — {fam}", fontsize=9)

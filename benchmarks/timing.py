@@ -116,3 +116,27 @@ def machine_info() -> dict:
             )
         },
     }
+
+
+def measure_many(fns: dict[str, Callable], *, repeat: int = 5, warmup: int = 1) -> dict:
+    """Like :func:`measure` for several zero-argument callables, interleaved: each round calls
+    every one once (in a rotating order), so load from other processes hits all alike and
+    their ratios are fairer than from back-to-back blocks. Returns ``{name: stats}``."""
+    names = list(fns)
+    first = {}
+    for name in names:
+        for i in range(max(warmup, 1)):
+            _, t = timed_call(fns[name])
+            if i == 0:
+                first[name] = t
+    times = {name: [] for name in names}
+    for r in range(max(repeat, 1)):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            _, t = timed_call(fns[name])
+            times[name].append(t)
+    return {
+        name: {"first": first[name], "median": statistics.median(ts), "min": min(ts),
+               "times": ts, "repeat": len(ts)}
+        for name, ts in times.items()
+    }

@@ -21,7 +21,7 @@ import numpy as np
 import numpyro
 
 from benchmarks import methods, problems
-from benchmarks.timing import log, measure, timed_call
+from benchmarks.timing import log, measure_many, timed_call
 
 NAME = "fit_many"
 LR = 0.05
@@ -75,9 +75,9 @@ def run(cfg, ctx) -> dict:
         eng = lambda: vi.fit_many(make_target, x, y, family="meanfield", key=key,
                                   num_steps=steps, tol=None, progress=False, optimizer=opt,
                                   num_elbo_samples=1).params
-        m_eng = measure(eng, repeat=repeat)
         keys = jax.random.split(jax.random.key(1), b)
-        m_np = measure(np_vmap, keys, x, y, repeat=repeat)
+        st = measure_many({"eng": eng, "np": lambda: np_vmap(keys, x, y)}, repeat=repeat)
+        m_eng, m_np = st["eng"], st["np"]
         entry = {
             "B": b,
             "vi_engine fit_many": {"first_s": m_eng["first"], "steady_s": m_eng["median"]},

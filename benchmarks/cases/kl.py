@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from benchmarks import NUMPYRO_KL_FUNCS
-from benchmarks.timing import log, measure
+from benchmarks.timing import log, measure_many
 
 NAME = "kl"
 
@@ -52,11 +52,15 @@ def run(cfg, ctx) -> dict:
     f_roof = jax.jit(lambda a, bb, c, e: jnp.sum(a + bb + c + e, -1))
     nbytes = 4 * b * d * 4 + b * 4
     diag = {"pairs": b, "dim": d, "bytes_moved": nbytes}
-    for name, f in (("vi_engine", f_vi), ("numpyro", f_np), ("streaming roof", f_roof)):
-        if f is None:
+    fns = {name: f for name, f in (("vi_engine", f_vi), ("numpyro", f_np),
+                                       ("streaming roof", f_roof)) if f is not None}
+    st = measure_many({k: (lambda f=f: f(m1, s1, m2, s2)) for k, f in fns.items()},
+                      repeat=repeat)
+    for name in ("vi_engine", "numpyro", "streaming roof"):
+        if name not in st:
             diag[name] = None
             continue
-        m = measure(f, m1, s1, m2, s2, repeat=repeat)
+        m = st[name]
         diag[name] = {"median_s": m["median"], "pairs_per_s": b / m["median"],
                       "gb_per_s": nbytes / m["median"] / 1e9, "times_s": m["times"]}
     if diag["numpyro"] is not None:
@@ -82,11 +86,14 @@ def run(cfg, ctx) -> dict:
     np_fn = _numpyro_pair(dist.MultivariateNormal, dist.MultivariateNormal)
     g_np = None if np_fn is None else jax.jit(lambda a, bb, c, e: np_fn(mkm(a, bb), mkm(c, e)))
     mvn = {"pairs": b, "dim": d}
-    for name, f in (("vi_engine", g_vi), ("numpyro", g_np)):
-        if f is None:
+    fns = {name: f for name, f in (("vi_engine", g_vi), ("numpyro", g_np)) if f is not None}
+    st = measure_many({k: (lambda f=f: f(mu1, l1, mu2, l2)) for k, f in fns.items()},
+                      repeat=repeat)
+    for name in ("vi_engine", "numpyro"):
+        if name not in st:
             mvn[name] = None
             continue
-        m = measure(f, mu1, l1, mu2, l2, repeat=repeat)
+        m = st[name]
         mvn[name] = {"median_s": m["median"], "pairs_per_s": b / m["median"],
                      "times_s": m["times"]}
     data["mvn"] = mvn

@@ -21,7 +21,7 @@ import jax
 import numpyro
 
 from benchmarks import methods, problems
-from benchmarks.timing import log, measure
+from benchmarks.timing import log, measure_many
 
 NAME = "throughput"
 
@@ -29,7 +29,7 @@ NAME = "throughput"
 def run(cfg, ctx) -> dict:
     import vi_engine as vi
 
-    repeat = cfg["repeat"]
+    repeat = cfg["repeat"] + 4  # cheap calls: more rounds, steadier medians
     cfg = cfg["throughput"]
     lr = cfg["learning_rate"]
     K = cfg["elbo_batch"]
@@ -46,20 +46,14 @@ def run(cfg, ctx) -> dict:
         fam = vi.get_family("meanfield")
         fit = lambda: vi.fit(p.target, "meanfield", key=key, num_steps=steps, tol=None,
                              progress=False, optimizer=opt, num_elbo_samples=1).params
-        m_fit = measure(fit, repeat=repeat)
         params = vi.fit(p.target, "meanfield", key=key, num_steps=10, tol=None,
                         progress=False, optimizer=opt, num_elbo_samples=1).params
         elbo_fn = jax.jit(lambda k, prm, t: vi.elbo(k, fam, prm, t, K, batch_size=K).mean)
-        m_elbo = measure(elbo_fn, key, params, p.target, repeat=repeat)
-        entry["methods"]["vi_engine"] = _rates(m_fit, m_elbo, steps, K)
 
         # hand-written lax.scan + optax
         init, run_scan, elbo_evals = methods.handwritten_meanfield(
             problems.logistic_log_density, d, lr=lr)
         prm, st = init(key)
-        m_scan = measure(lambda: run_scan(prm, st, key, p.data, steps), repeat=repeat)
-        m_scan_elbo = measure(lambda: elbo_evals(prm, key, p.data, K), repeat=repeat)
-        entry["methods"]["hand-written scan"] = _rates(m_scan, m_scan_elbo, steps, K)
 
         # numpyro SVI: update under lax.scan, compiled once
         svi, guide = methods.numpyro_svi(problems.logistic_log_density, d, "meanfield",
@@ -70,14 +64,25 @@ def run(cfg, ctx) -> dict:
         def svi_scan(state, data):
             return jax.lax.scan(lambda s, _: svi.update(s, *data), state, None, length=steps)
 
-        m_svi = measure(svi_scan, state, p.data, repeat=repeat)
         from numpyro.infer import Trace_ELBO
 
         loss = Trace_ELBO(num_particles=K, vectorize_particles=True)
         np_params = svi.get_params(state)
         np_elbo = jax.jit(lambda k, prm, data: loss.loss(k, prm, svi.model, svi.guide, *data))
-        m_np_elbo = measure(np_elbo, key, np_params, p.data, repeat=repeat)
-        entry["methods"]["numpyro SVI scan"] = _rates(m_svi, m_np_elbo, steps, K)
+
+        # Interleaved rounds: every method once per round, medians over rounds.
+        st_steps = measure_many({
+            "vi_engine": fit,
+            "hand-written scan": lambda: run_scan(prm, st, key, p.data, steps),
+            "numpyro SVI scan": lambda: svi_scan(state, p.data),
+        }, repeat=repeat)
+        st_elbo = measure_many({
+            "vi_engine": lambda: elbo_fn(key, params, p.target),
+            "hand-written scan": lambda: elbo_evals(prm, key, p.data, K),
+            "numpyro SVI scan": lambda: np_elbo(key, np_params, p.data),
+        }, repeat=repeat)
+        for name in st_steps:
+            entry["methods"][name] = _rates(st_steps[name], st_elbo[name], steps, K)
 
         e = entry["methods"]
         r_scan = e["vi_engine"]["steps_per_s"] / e["hand-written scan"]["steps_per_s"]
