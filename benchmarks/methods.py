@@ -340,5 +340,11 @@ def _steady(method: Method, key, out) -> None:
     for r in out["reached"].values():
         if r is not None:
             r["seconds_steady"] = times.get(r["steps"])
+    sps = None
     if not method.one_shot and last:
-        out["steps_per_second_steady"] = last / max(times[last] - times[0], 1e-12)
+        sps = last / max(times[last] - times[0], 1e-12)
+        out["steps_per_second_steady"] = sps
+    # The steady curve: init, then the measured steady rate (measured, not re-run, past `last`).
+    out["curve"]["seconds_steady"] = [
+        times[0] + (s / sps if sps else 0.0) for s in out["curve"]["steps"]
+    ]

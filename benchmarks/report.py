@@ -165,24 +165,30 @@ def _plot_accuracy(data, path) -> bool:
         return False
     plt = _plt()
     fams = sorted({r["family"] for e in entries for r in e["runs"]} - {"pathfinder"})
+    if not fams:
+        fams = ["pathfinder"]
     fig, axes = plt.subplots(len(entries), len(fams), figsize=(4.2 * len(fams),
                              3.3 * len(entries)), squeeze=False)
     for i, e in enumerate(entries):
         for j, fam in enumerate(fams):
             ax = axes[i][j]
             floor = None
+            if fam != "pathfinder" and not any(r["family"] == fam for r in e["runs"]):
+                ax.axis("off")
+                continue
             for r in e["runs"]:
                 # Pathfinder's q is a full-covariance Gaussian: drawn on every panel as a star.
                 if r["family"] not in (fam, "pathfinder"):
                     continue
                 c = r["curve"]
+                secs = c.get("seconds_steady") or c["seconds"]
                 kl = [max(k, 1e-6) if k == k else 1e6 for k in c["kl"]]
                 label = r["method"]
                 if r["method"].startswith("blackjax.") and "optimizer" in r["settings"]:
                     label += f" n={r['settings']['num_samples']} {r['settings']['optimizer']}"
                 style = "*" if len(kl) == 1 else "-"
                 lw = 2.5 if r["method"] == "vi_engine" else 1.2
-                ax.plot(c["seconds"], kl, style, label=label, lw=lw, ms=9)
+                ax.plot(secs, kl, style, label=label, lw=lw, ms=9)
                 if r["family"] == fam:
                     floor = r.get("floor")
             if floor:
@@ -193,7 +199,8 @@ def _plot_accuracy(data, path) -> bool:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{e['problem']} — {fam}", fontsize=9)
-            ax.set_xlabel("wall time, compile included (s)", fontsize=8)
+            ax.set_xlabel("steady-state wall time (s; compile excluded, see table)",
+                          fontsize=8)
             ax.set_ylabel("KL(q‖p*)", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
