@@ -103,7 +103,7 @@ def handwritten_meanfield(log_density, dim, data=(), *, lr=1e-2, num_samples=1,
 
     def elbo_evals(p, key, data, n):
         keys = jax.random.split(key, n)
-        return jax.lax.map(lambda k: -loss(p, k, data), keys)
+        return jax.vmap(lambda k: -loss(p, k, data))(keys)  # n one-draw estimates, batched
 
     return init, jax.jit(run, static_argnums=4), jax.jit(elbo_evals, static_argnums=3)
 
