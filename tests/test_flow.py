@@ -142,15 +142,15 @@ def _perturbed(family, dim, seed=0, scale=0.3, dtype=None):
 
 
 FAMILIES = [
-    Flow(num_layers=4, hidden=(16, 16)),
+    Flow(num_layers=4, hidden=(8, 8)),
     Flow(num_layers=3, hidden=(8,), affine="diag"),
     Flow(num_layers=2, hidden=(8,), affine=None),
 ]
 
 
 @pytest.mark.parametrize(
-    "family, dim", [(FAMILIES[0], 1), (FAMILIES[0], 5), (FAMILIES[1], 3), (FAMILIES[2], 2)],
-    ids=["lower-1", "lower-5", "diag-3", "none-2"],
+    "family, dim", [(FAMILIES[0], 5), (FAMILIES[1], 3), (FAMILIES[2], 1)],
+    ids=["lower-5", "diag-3", "none-1"],
 )
 def test_inverse_and_log_det_exact(family, dim):
     with jax.enable_x64(True):  # exactness is checked in float64, to 1e-8
@@ -164,8 +164,8 @@ def test_inverse_and_log_det_exact(family, dim):
         np.testing.assert_allclose(jnp.linalg.slogdet(jac)[1], log_det, atol=1e-8)
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"affine={f.affine}")
-def test_log_prob_of_sample_equals_forward_log_q(family):
+def test_log_prob_of_sample_equals_forward_log_q():
+    family = FAMILIES[0]
     with jax.enable_x64(True):
         params = _perturbed(family, 3, dtype=jnp.float64)
         z, log_q = jax.jit(family.sample_and_log_prob, static_argnums=2)(
@@ -181,7 +181,7 @@ def test_log_prob_of_sample_equals_forward_log_q(family):
 
 
 def test_density_integrates_to_one_on_grid():
-    family = Flow(num_layers=4, hidden=(16, 16), init_scale=0.5)
+    family = Flow(num_layers=4, hidden=(8, 8), init_scale=0.5)
     with jax.enable_x64(True):
         params = _perturbed(family, 2, scale=0.2, dtype=jnp.float64)
         log_z = grid_log_z(lambda g: family.log_prob(params, g), ((-30, 30), (-30, 30)), n=1201)
@@ -210,12 +210,12 @@ def test_init_is_identity_flow_on_gaussian_base():
 
 
 def test_to_distribution_is_exact_numpyro_distribution():
-    family = Flow(num_layers=4, hidden=(16,))
+    family = FAMILIES[0]
     params = _perturbed(family, 3)
     d = family.to_distribution(params)
     assert d.event_shape == (3,) and d.batch_shape == ()
     with jax.numpy_rank_promotion("allow"):  # numpyro's Normal.sample broadcasts implicitly
-        s = d.sample(jax.random.key(4), (4, 2))
+        s = jax.jit(lambda k: d.sample(k, (4, 2)))(jax.random.key(4))
         assert s.shape == (4, 2, 3)
         np.testing.assert_allclose(d.log_prob(s), family.log_prob(params, s), atol=1e-4)
         # with intermediates from sampling (no inverse needed) the log-density agrees too
@@ -267,21 +267,9 @@ def test_bad_options_raise_naming_the_argument(kwargs, match):
         Flow(**kwargs)
 
 
-def test_gradients_finite_at_init():
-    family = Flow(num_layers=2, hidden=(8,))
-    params = family.init(jax.random.key(0), 2)
-
-    def loss(p):
-        z, log_q = family.sample_and_log_prob(jax.random.key(1), p, 16)
-        return -jnp.mean(funnel(z) - log_q)
-
-    grads = jax.grad(loss)(params)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-
-
 def test_grid_log_z_of_normalized_targets():
-    assert abs(grid_log_z(banana, ((-6, 6), (-3, 30)))) < 1e-3
-    assert abs(grid_log_z(mixture, ((-6, 6), (-6, 6)))) < 1e-3
+    assert abs(grid_log_z(banana, ((-6, 6), (-3, 30)), n=801)) < 1e-3
+    assert abs(grid_log_z(mixture, ((-6, 6), (-6, 6)), n=401)) < 1e-3
     assert abs(funnel_log_z(n=801)) < 1e-3
 
 
@@ -294,6 +282,22 @@ def test_short_fit_flow_beats_full_rank_on_banana():
     e_full, se_full = elbo_estimate(full, p_full, banana, jax.random.key(1), n=20_000)
     e_flow, se_flow = elbo_estimate(flow, p_flow, banana, jax.random.key(1), n=20_000)
     assert e_flow > e_full + 5 * math.hypot(se_full, se_flow), (e_flow, e_full)
+
+
+def test_vi_fit_accepts_the_flow_family():
+    import vi_engine as vi
+
+    target = vi.Target.from_log_density(banana, 2)
+    res = vi.fit(target, "flow", key=jax.random.key(0), num_steps=200, tol=None,
+                 optimizer=vi.default_optimizer(1e-2), num_samples=8, progress=False,
+                 num_elbo_samples=2000)
+    assert isinstance(vi.get_family("flow"), Flow)
+    assert res.status == "max_steps" and bool(jnp.isfinite(res.elbo.mean))
+    assert res.posterior.event_shape == (2,)
+    with jax.numpy_rank_promotion("allow"):
+        z = res.posterior.sample(jax.random.key(1), (5,))
+        np.testing.assert_allclose(res.posterior.log_prob(z), Flow().log_prob(res.params, z),
+                                   atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +342,10 @@ def eight_schools_log_density():
 def _measure(steps=3000):  # pragma: no cover - run by hand
     import time
 
-    full = Flow(num_layers=0)
+    # zero coupling layers = a full-rank Gaussian, fitted by the same loop; two initial scales,
+    # since on the mixture the wide start ends in a worse local optimum (covering both modes)
+    fulls = (("full-rank init 0.1", Flow(num_layers=0, init_scale=0.1)),
+             ("full-rank init 1.0", Flow(num_layers=0)))
     flow = Flow(num_layers=6, hidden=(32, 32))
     targets = [
         ("banana", banana, grid_log_z(banana, ((-7, 7), (-4, 45)), n=2001)),
@@ -349,7 +356,7 @@ def _measure(steps=3000):  # pragma: no cover - run by hand
     print("| target | family | ELBO ± se | KL(q‖p) = log Z − ELBO | fit s |")
     print("|---|---|---|---|---|")
     for name, log_density, log_z in targets:
-        for fname, family in (("full-rank", full), ("flow", flow)):
+        for fname, family in (*fulls, ("flow", flow)):
             t0 = time.perf_counter()
             params = jax.block_until_ready(fit(family, log_density, 2, jax.random.key(0),
                                                steps=steps))
@@ -360,7 +367,7 @@ def _measure(steps=3000):  # pragma: no cover - run by hand
 
     log_density, ref = eight_schools_log_density()
     r = ref["parameters"]
-    for fname, family in (("full-rank", full), ("flow", flow)):
+    for fname, family in (*fulls, ("flow", flow)):
         t0 = time.perf_counter()
         params = jax.block_until_ready(fit(family, log_density, 10, jax.random.key(0),
                                            steps=4000))

@@ -20,6 +20,9 @@ Numerical choices (why, not what):
 
 - log-scales are soft-clamped, ``s = b·tanh(s_raw / b)`` (``scale_bound = b``), so one bad step
   cannot make ``exp(s)`` overflow; stacking layers still reaches large scale changes (funnels).
+- the conditioner sees ``5·tanh(x / 5)``, not ``x``: s and t are then bounded functions, so q keeps
+  light tails. Without it, the shift t(x) (linear in x far out) fed the tails of one coordinate
+  into the other; on the funnel q put draws at v ≈ 3000 and the target's gradient overflowed.
 - masks alternate (even/odd coordinates, then complementary halves of fixed permutations), so
   in d > 2 every coordinate is both transformed and conditioned on.
 - all arrays are 2-D ``(n, dim)`` inside the flow: no implicit rank promotion.
@@ -47,6 +50,7 @@ from numpyro.distributions.transforms import Transform
 from vi_engine.families.base import Family, Params
 
 _KINDS = ("realnvp",)
+_INPUT_BOUND = 5.0
 _AFFINES = ("lower", "diag", None)
 
 
@@ -109,7 +113,11 @@ class RealNVP(nn.Module):
         self.masks = _coupling_masks(self.dim, self.num_layers)
 
     def _shift_log_scale(self, layer, x, mask):
-        s_raw, t = self.conditioners[layer](x * mask)
+        # the conditioner sees a squashed copy of its input (linear within ±2 sd of the base): s
+        # and t are then bounded, so the flow's tails stay light (an unbounded shift t(x) feeds
+        # the tails back into the other coordinates and can overflow the target far out)
+        c = _INPUT_BOUND
+        s_raw, t = self.conditioners[layer](c * jnp.tanh(x * mask / c))
         b = self.scale_bound
         s = (1.0 - mask) * (b * jnp.tanh(s_raw / b))
         return s, (1.0 - mask) * t
@@ -155,6 +163,14 @@ class Flow(Family):
     for ``"lower"``, ``(dim,)`` log-scales for ``"diag"``, absent for ``None``.
 
     ``has_entropy`` is False: the ELBO uses ``sample_and_log_prob`` (one forward pass).
+
+    With ``vi.fit``, use a smaller step size than the Gaussian default and a few draws per step
+    (the default STL estimator is fine). Measured: with Adam(0.05) and one draw the coupling
+    nets diverge (funnel, banana); with this setting the flow reaches KL(q‖p) ≈ 0.001 on the
+    2-D banana and funnel and matches full-rank on a Gaussian::
+
+        vi.fit(target, vi.Flow(), key=key, optimizer=vi.default_optimizer(1e-2),
+               num_samples=16)
 
     >>> import jax, jax.numpy as jnp
     >>> fam = Flow(num_layers=2, hidden=(8,))
