@@ -382,9 +382,11 @@ def fit(
       key: PRNG key (required; split internally, never reused).
       num_steps: with ``tol=None``, exactly this many steps; with ``tol`` set, a cap (default
         ``max_steps``).
-      optimizer: an optax ``GradientTransformation`` (default Adam(0.05, b2=0.99) with the
-        plateau step-size cuts). Pass the same object again to reuse compiled code.
-      num_samples: draws per gradient estimate (default 1).
+      optimizer: an optax ``GradientTransformation`` (default Adam(lr, b2=0.99) with the
+        plateau step-size cuts; lr = ``family.default_learning_rate``, 0.05 for the Gaussian
+        families, 0.01 for flows). Pass the same object again to reuse compiled code.
+      num_samples: draws per gradient estimate (default ``family.default_num_samples``: 1 for
+        the Gaussian families, 16 for flows).
       objective: ``"elbo"`` (STL estimator), ``"elbo-reparam"``, ``"elbo-entropy"``,
         ``"iwae"``, ``"renyi"``, or ``vi.ELBO(...)``, ``vi.IWAE(...)``, ``vi.Renyi(...)``.
       tol: plateau threshold in nats on window means (see the module doc); ``None`` runs exactly
@@ -405,9 +407,10 @@ def fit(
     """
     family = get_family(family)
     objective = get_objective(objective)
-    num_samples = 1 if num_samples is None else num_samples
+    num_samples = family.default_num_samples if num_samples is None else num_samples
     _check_common(target, key, num_samples, tol, num_steps, max_steps)
-    optimizer = default_optimizer() if optimizer is None else optimizer
+    if optimizer is None:
+        optimizer = default_optimizer(family.default_learning_rate)
     dtype = _dtype()
     cap, window, per_chunk, check = _plan(num_steps, tol, progress, stopping, max_steps)
     cfg = _Config(family, objective, optimizer, num_samples, window, per_chunk, check, stopping)
@@ -517,10 +520,11 @@ def fit_many(
 
     family = get_family(family)
     objective = get_objective(objective)
-    num_samples = 1 if num_samples is None else num_samples
+    num_samples = family.default_num_samples if num_samples is None else num_samples
     targets = jax.vmap(make_target)(*batched_args)
     _check_common(targets, key, num_samples, tol, num_steps, max_steps)
-    optimizer = default_optimizer() if optimizer is None else optimizer
+    if optimizer is None:
+        optimizer = default_optimizer(family.default_learning_rate)
     dtype = _dtype()
     cap, window, per_chunk, check = _plan(num_steps, tol, progress, stopping, max_steps)
     cfg = _Config(family, objective, optimizer, num_samples, window, per_chunk, check, stopping)

@@ -41,6 +41,11 @@ class Family(abc.ABC):
 
     name: str = "family"
     has_entropy: bool = False
+    # What vi.fit uses when the caller gives no optimizer / num_samples: a family knows the step
+    # size and number of draws its parametrization needs (flows need smaller, better-averaged
+    # steps than Gaussians).
+    default_learning_rate: float = 0.05
+    default_num_samples: int = 1
 
     @abc.abstractmethod
     def init(self, key: jax.Array, dim: int, dtype=None) -> Params: ...
