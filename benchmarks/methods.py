@@ -64,13 +64,14 @@ class MFParams(NamedTuple):
 
 
 def handwritten_meanfield(log_density, dim, data=(), *, lr=1e-2, num_samples=1,
-                          estimator="stl", init_scale=0.1):
+                          estimator="stl", init_scale=0.1, optimizer=None):
     """Mean-field Gaussian, ``loc + exp(log_scale) * eps``, Adam: written out by hand.
 
-    Returns ``(init(key) -> (params, opt_state), run(params, opt_state, key, data, steps))``
-    where ``run`` is ``jax.jit`` compiled with ``steps`` static.
+    ``optimizer``: an optax transformation (pass vi_engine's own, so both sides step alike);
+    default ``optax.adam(lr)``. Returns ``(init(key) -> (params, opt_state),
+    run(params, opt_state, key, data, steps), elbo_evals(params, key, data, n))``, jitted.
     """
-    opt = optax.adam(lr)
+    opt = optax.adam(lr) if optimizer is None else optimizer
 
     def init(key):
         del key

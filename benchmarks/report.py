@@ -98,7 +98,8 @@ def write_markdown(results: dict, path: str, plots: list[str]) -> None:
         f"- machine: {m['platform']}; {m['cpu']}; {m['cpu_count']} CPUs "
         f"({m['affinity']} usable); {m['memory_gb']} GiB; load average at start "
         f"{m['loadavg_at_start']}, at end {results.get('loadavg_at_end')}",
-        f"- jax backend: {m['jax_backend']} {m['jax_devices']}; x64={m['x64']}",
+        f"- code: git {m.get('git_commit')}; jax backend: {m['jax_backend']} "
+        f"{m['jax_devices']}; x64={m['x64']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- BlackJAX: {results['blackjax'] or 'not installed (its rows are skipped)'}",
         f"- command: `{results['command']}`; wall time {fmt(results['wall_seconds'])} s",

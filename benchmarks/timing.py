@@ -90,7 +90,19 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
+    try:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "vi_engine"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = commit + ("+uncommitted vi_engine changes" if dirty else "")
+    except Exception:  # noqa: BLE001
+        commit = None
     return {
+        "git_commit": commit,
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpu": cpu,

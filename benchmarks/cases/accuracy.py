@@ -91,7 +91,8 @@ def _engine(problem, family, cfg, levels):
         "method": "vi_engine",
         "family": family,
         "settings": {"call": f"vi.fit(target, {family!r}, key=key, progress=False)",
-                     "defaults": "Adam(0.05), 1 sample, STL, plateau stopping tol=1e-3"},
+                     "defaults": "the family's defaults (optimizer, draws, STL ELBO, stopping "
+                                 "rule); see vi_engine/fit.py at the recorded commit"},
         "grads_per_step": 1,
         "curve": {"seconds": [c[0] + offset for c in curve], "steps": [c[1] for c in curve],
                   "kl": [c[2] for c in curve], "seconds_steady": [c[0] for c in curve]},

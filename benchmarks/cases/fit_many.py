@@ -3,7 +3,8 @@
 - ``vi_engine fit_many``: ``vi.fit_many(make_target, X, Y, family="meanfield", num_steps=S,
   tol=None, progress=False, num_elbo_samples=1)``.
 - ``numpyro vmap``: hand-written ``jax.jit(jax.vmap(init + lax.scan(svi.update)))`` of NumPyro
-  SVI (AutoNormal, Trace_ELBO(1), Adam(0.05)): the best a NumPyro user can write by hand.
+  SVI (AutoNormal, Trace_ELBO(1), ``optax_to_numpyro(vi.default_optimizer(0.05))``, the same
+  optimizer as vi_engine's): the best a NumPyro user can write by hand.
 - ``numpyro svi.run loop``: a Python loop of ``svi.run`` (each call compiles again), timed on a
   few problems and extrapolated to B (marked "estimated").
 
@@ -48,7 +49,7 @@ def run(cfg, ctx) -> dict:
         return vi.Target.from_log_density(problems.logistic_log_density, d, data=(x, y))
 
     svi, guide = methods.numpyro_svi(problems.logistic_log_density, d, "meanfield",
-                                     optimizer=numpyro.optim.Adam(LR))
+                                     optimizer=numpyro.optim.optax_to_numpyro(opt))
 
     def one(key, x, y):
         state = svi.init(key, x, y)
@@ -104,7 +105,7 @@ def run(cfg, ctx) -> dict:
         "name": NAME,
         "table": {
             "title": f"fit_many: B logistic regressions (N={n}, d={d}), mean-field, {steps} "
-                     "steps, Adam(0.05); svi.run loop extrapolated from "
+                     "steps, vi.default_optimizer(0.05); svi.run loop extrapolated from "
                      f"{len(loop_times)} problems",
             "columns": ["B", "method", "first call s", "steady s", "problems/s",
                         "problem-steps/s"],
