@@ -107,7 +107,8 @@ class MeanField(Family):
         return z, log_q
 
     def log_prob(self, params, z):
-        return self.to_distribution(params).log_prob(z)
+        u = (z - params.loc) * jnp.exp(-params.log_scale)
+        return -0.5 * jnp.sum(u**2, -1) - self.entropy(params) + 0.5 * z.shape[-1]
 
     def entropy(self, params):
         dim = params.loc.shape[-1]
@@ -163,7 +164,17 @@ class FullRank(Family):
         return z, log_q
 
     def log_prob(self, params, z):
-        return self.to_distribution(params).log_prob(z)
+        if params.loc.ndim != 1:  # batched parameters: numpyro broadcasts the batch shapes
+            return self.to_distribution(params).log_prob(z)
+        # One triangular solve (no inverse); a smaller program than numpyro's general
+        # batched Mahalanobis, which matters for compile time inside the fit loop.
+        dim = params.loc.shape[-1]
+        diff = jnp.reshape(z - params.loc, (-1, dim))
+        u = jax.lax.linalg.triangular_solve(
+            self.scale_tril(params), diff, left_side=False, lower=True, transpose_a=True
+        )
+        log_q = -0.5 * jnp.sum(u**2, -1) - self.entropy(params) + 0.5 * dim
+        return jnp.reshape(log_q, z.shape[:-1])
 
     def entropy(self, params):
         dim = params.loc.shape[-1]
