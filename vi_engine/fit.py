@@ -115,6 +115,7 @@ class _Config(NamedTuple):
     num_samples: int
     window: int
     check_plateau: bool
+    mask_steps: bool
     rule: StoppingRule
 
 
@@ -148,57 +149,69 @@ def _init_state(optimizer, params, dtype):
 def _make_window(cfg: _Config):
     """``window(state, key, target, tol, max_steps) -> (state, losses (window,))``, uncompiled.
 
-    The ``done`` test is made once per window (``lax.cond``), not per step, so a step costs what
-    a hand-written ``lax.scan`` step costs plus a few fused selects (the NaN guard and the cap).
+    A step is exactly a hand-written ``lax.scan`` step (sample, gradient, optax update): the
+    done test, the NaN guard and the step cap act once per window. A window whose losses or
+    parameters are not finite is rolled back to its start, the last finite parameters, and the
+    fit stops there with the first non-finite step named. Only a fixed-steps run whose step count
+    is not a whole number of windows masks steps individually (``cfg.mask_steps``).
     """
     family, objective, optimizer = cfg.family, cfg.objective, cfg.optimizer
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
 
-    def step(carry, _):
-        state, key, target, max_steps, w_count = carry
-        k = jax.random.fold_in(key, state.step)
+    def step(carry, k):
+        state, target, max_steps, w_count = carry
         (_, value), grads = grad_fn(state.params, k, family, target, cfg.num_samples)
-        finite = jnp.isfinite(value) & _all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         if cfg.check_plateau:  # the step-size cuts of the stopping rule
             updates = jax.tree_util.tree_map(
                 lambda u: u * state.lr_scale.astype(u.dtype), updates
             )
         params = optax.apply_updates(state.params, updates)
-        active = ~state.done  # done may turn on mid-window (cap reached, non-finite step)
-        ok = finite & active
-        params = _tree_where(ok, params, state.params)
-        opt_state = _tree_where(ok, opt_state, state.opt_state)
-        w_count = w_count + ok.astype(jnp.int32)
+        loss = -value
+        if cfg.mask_steps:
+            ok = state.step < max_steps
+            params = _tree_where(ok, params, state.params)
+            opt_state = _tree_where(ok, opt_state, state.opt_state)
+            loss = jnp.where(ok, loss, jnp.nan)
+            ok = ok.astype(jnp.int32)
+        else:
+            ok = 1
+        w_count = w_count + ok
         if cfg.check_plateau:  # the averaged iterate is used only by the stopping rule
-            n = jnp.maximum(w_count, 1).astype(state.lr_scale.dtype)
+            n = w_count.astype(state.lr_scale.dtype)
             avg = jax.tree_util.tree_map(lambda a, p: a + (p - a) / n, state.avg_params, params)
-            avg = _tree_where(ok, avg, state.avg_params)
         else:
             avg = state.avg_params
-        step = state.step + ok.astype(jnp.int32)
-        bad = active & ~finite
-        hit_cap = ok & (step >= max_steps)
-        status = jnp.where(bad, NONFINITE, jnp.where(hit_cap, MAX_STEPS, state.status))
         state = state._replace(
-            params=params,
-            opt_state=opt_state,
-            avg_params=avg,
-            step=step,
-            done=state.done | bad | hit_cap,
-            status=status.astype(jnp.int32),
-            bad_step=jnp.where(bad, state.step, state.bad_step),
+            params=params, opt_state=opt_state, avg_params=avg, step=state.step + ok
         )
-        loss = jnp.where(ok, -value, jnp.nan).astype(state.lr_scale.dtype)
-        return (state, key, target, max_steps, w_count), loss
+        return (state, target, max_steps, w_count), loss.astype(state.lr_scale.dtype)
 
     def run(state, key, target, tol, max_steps):
+        start = state
         state = state._replace(avg_params=state.params)
-        init = (state, key, target, max_steps, jnp.zeros((), jnp.int32))
-        (state, _, _, _, count), losses = jax.lax.scan(step, init, length=cfg.window)
+        # Step i draws with fold_in(key, i) whatever the windowing (progress bar or not), and
+        # the keys of a window are made in one vectorized call, not one threefry per step.
+        steps = state.step + jnp.arange(cfg.window, dtype=state.step.dtype)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, steps)
+        init = (state, target, max_steps, jnp.zeros((), jnp.int32))
+        (state, _, _, count), losses = jax.lax.scan(step, init, keys)
+        ran = jnp.arange(cfg.window) < count
+        finite = jnp.all(jnp.isfinite(losses) | ~ran) & _all_finite(state.params)
         if cfg.check_plateau:
             state = _plateau_update(state, losses, count, tol, cfg.rule, cfg.window)
-        return state, losses
+        hit_cap = ~state.done & (state.step >= max_steps)
+        state = state._replace(
+            done=state.done | hit_cap,
+            status=jnp.where(hit_cap, MAX_STEPS, state.status).astype(jnp.int32),
+        )
+        first_bad = jnp.argmax(~jnp.isfinite(losses)).astype(jnp.int32)
+        rolled_back = start._replace(
+            done=jnp.asarray(True),
+            status=jnp.asarray(NONFINITE, jnp.int32),
+            bad_step=start.step + first_bad,
+        )
+        return _tree_where(finite, state, rolled_back), losses
 
     def skip(state, key, target, tol, max_steps):
         return state, jnp.full((cfg.window,), jnp.nan, state.lr_scale.dtype)
@@ -346,15 +359,20 @@ def _check_common(target, key, num_samples, tol, num_steps, max_steps):
 
 
 def _plan(num_steps, tol, progress, rule, max_steps):
-    """Static chunking: (cap on steps, steps per window, windows per sync, check_plateau)."""
+    """Static chunking: (cap, steps per window, windows per sync, check_plateau, mask_steps).
+
+    With ``tol`` set, the cap is checked after each window (a fit may overrun it by less than one
+    window); with ``tol=None`` exactly ``num_steps`` steps run.
+    """
     cap = num_steps if num_steps is not None else max_steps
     if tol is None:
         # Fixed number of steps, no plateau test: one window when nobody watches, else ~20.
         if not progress:
-            return cap, cap, 1, False
-        return cap, -(-cap // min(20, cap)), 1, False
+            return cap, cap, 1, False, False
+        n = min(20, cap)
+        return cap, -(-cap // n), 1, False, cap % n != 0
     # Windows are dispatched asynchronously; Python reads the done flag every few windows.
-    return cap, rule.window, 5, True
+    return cap, rule.window, 5, True, False
 
 
 def _message(status, step, bad_step, cap):
@@ -465,8 +483,8 @@ def _configure(family, objective, num_samples, optimizer, num_steps, tol, progre
     num_samples = family.default_num_samples if num_samples is None else num_samples
     if optimizer is None:
         optimizer = default_optimizer(family.default_learning_rate)
-    cap, window, per_sync, check = _plan(num_steps, tol, progress, stopping, max_steps)
-    cfg = _Config(family, objective, optimizer, num_samples, window, check, stopping)
+    cap, window, per_sync, check, mask = _plan(num_steps, tol, progress, stopping, max_steps)
+    cfg = _Config(family, objective, optimizer, num_samples, window, check, mask, stopping)
     return family, cfg, cap, per_sync
 
 
@@ -501,9 +519,26 @@ def _drive(cfg, batched, state, key, target, tol, cap, per_sync, progress, desc)
                         bar.set_postfix(elbo=f"{-recent.mean():.4g}")
             if done.all():
                 break
+    if not batched and int(state.status) == NONFINITE and int(state.bad_step) > int(state.step):
+        state = _replay_to_last_finite(cfg, state, key, target, tol_arr)
     # Steps are applied contiguously from the start, so a problem's first num_steps entries are
-    # its losses; what follows is NaN.
+    # its losses (a replayed window repeats the rolled-back one exactly); what follows is NaN.
     return state, jnp.concatenate(chunks, axis=-1)
+
+
+def _replay_to_last_finite(cfg, state, key, target, tol_arr):
+    """Re-run a rolled-back window up to (not including) its first non-finite step.
+
+    Same keys, same start, so the same finite steps: the fit keeps the parameters of the last
+    finite step, not of the window's start. Compiled only when a fit hits a NaN.
+    """
+    bad = state.bad_step
+    replay = _compiled_window(cfg._replace(mask_steps=True), False)
+    running = state._replace(done=jnp.asarray(False), status=jnp.asarray(RUNNING, jnp.int32))
+    state, _ = replay(running, key, target, tol_arr, bad)
+    return state._replace(
+        done=jnp.asarray(True), status=jnp.asarray(NONFINITE, jnp.int32), bad_step=bad
+    )
 
 
 def fit_many(
