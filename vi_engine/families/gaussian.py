@@ -98,7 +98,8 @@ class MeanField(Family):
         )
 
     def sample(self, key, params, num_samples):
-        return self.sample_and_log_prob(key, params, num_samples)[0]
+        eps = jax.random.normal(key, (num_samples, *params.loc.shape), params.loc.dtype)
+        return params.loc + jnp.exp(params.log_scale) * eps
 
     def sample_and_log_prob(self, key, params, num_samples):
         eps = jax.random.normal(key, (num_samples, *params.loc.shape), params.loc.dtype)
