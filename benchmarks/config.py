@@ -39,6 +39,14 @@ _QUICK = {
         "python_loop_problems": 2,
     },
     "kl": {"diag_pairs": 1_000_000, "diag_dim": 16, "mvn_pairs": 10_000, "mvn_dim": 32},
+    "flows": {
+        "targets": ["banana", "funnel", "mixture", "gaussian", "eight_schools_centered"],
+        "fixed_steps": None,  # None: vi.fit defaults (plateau stopping); n: num_steps=n, tol=None
+        "num_elbo_samples": 20_000,
+        "grid_n": 2001,  # log Z quadrature grid per axis
+        "gaussian_kl_bar": 0.01,
+        "seed": 0,
+    },
 }
 
 _FULL = copy.deepcopy(_QUICK)
@@ -79,6 +87,8 @@ _TINY = {
     },
     "fit_many": {"batches": [4], "n": 20, "d": 2, "steps": 50, "python_loop_problems": 1},
     "kl": {"diag_pairs": 1000, "diag_dim": 4, "mvn_pairs": 100, "mvn_dim": 4},
+    "flows": {"targets": ["gaussian"], "fixed_steps": 50, "num_elbo_samples": 2000,
+              "grid_n": 401, "gaussian_kl_bar": 0.01, "seed": 0},
 }
 
 MODES = {"tiny": _TINY, "quick": _QUICK, "full": _FULL}
