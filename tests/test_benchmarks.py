@@ -64,7 +64,8 @@ def test_json_well_formed(tiny_run):
     for key in ("platform", "cpu_count", "jax_backend", "versions"):
         assert key in m
     assert m["versions"]["jax"] and m["versions"]["numpyro"]
-    assert [c["name"] for c in res["cases"]] == ["accuracy", "throughput", "fit_many", "kl"]
+    names = [c["name"] for c in res["cases"]]
+    assert names == ["accuracy", "throughput", "fit_many", "kl", "flows"]
     for case in res["cases"]:
         assert "error" not in case, case.get("error")
         t = case["table"]
