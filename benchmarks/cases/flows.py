@@ -13,7 +13,7 @@ ELBO ± standard error from ``num_elbo_samples`` draws (``res.elbo``). Fit time 
 (compile included). Checks: flow ELBO > full-rank ELBO on banana, funnel, mixture and eight
 schools; |KL_flow − KL_fullrank| below a bar on the Gaussian (where full-rank is exact). With
 ``fixed_steps`` set (``--tiny``: a few steps, not converged) the checks are info only.
-The log densities are copies of those in ``tests/test_flow.py``.
+``tests/test_flow.py`` imports these log densities and quadrature helpers.
 """
 
 from __future__ import annotations
