@@ -1,9 +1,10 @@
 """The compiled fit loop: ``vi.fit`` for one problem, ``vi.fit_many`` for a batch of problems.
 
-The whole optimization runs inside one jitted function per chunk of steps (``lax.scan`` over
-windows of ``lax.scan`` over steps). Between chunks, Python only reads a ``done`` flag and updates
-the progress bar; every decision (step, step-size decay, stopping, NaN guard) is made inside the
-compiled code, per problem, so ``fit_many`` is the same chunk function under ``jax.vmap``.
+The optimization runs as one jitted function per window of steps (a ``lax.scan`` over steps,
+skipped by a ``lax.cond`` once the problem is done). Python dispatches a few windows at a time,
+then only reads the ``done`` flags and updates the progress bar; every decision (step, step-size
+decay, stopping, NaN guard) is made inside the compiled code, per problem, so ``fit_many`` is the
+same window function under ``jax.vmap``.
 
 Stopping rule (``tol`` set). A noisy ELBO defeats a raw relative-change test (Stan's
 ``tol_rel_obj`` stops too early; a plateau test on single steps never triggers). Here the losses
@@ -15,8 +16,10 @@ parameters are the average of the iterates over the last window (Polyak–Rupper
 removes most of the remaining jitter. The defaults were chosen by measurement on the exact
 problems (see the README and ``benchmarks/``).
 
-NaN guard. A step whose loss or gradient is not finite is not applied: the fit stops with status
-``"nonfinite"``, keeps the last finite parameters, and the result says at which step and why.
+NaN guard. A window whose losses or parameters are not finite is rolled back to its start and
+the fit stops with status ``"nonfinite"``; ``vi.fit`` then replays that window up to its first
+non-finite step, so it keeps the last finite parameters (``fit_many`` keeps those of the window's
+start), and the result says at which step and why.
 """
 
 from __future__ import annotations
