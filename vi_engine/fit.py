@@ -149,14 +149,15 @@ def _init_state(optimizer, params, dtype):
     )
 
 
-def _make_window(cfg: _Config):
+def _make_window(cfg: _Config, skip_when_done: bool = True):
     """``window(state, key, target, tol, max_steps) -> (state, losses (window,))``, uncompiled.
 
     A step is exactly a hand-written ``lax.scan`` step (sample, gradient, optax update): the
     done test, the NaN guard and the step cap act once per window. A window whose losses or
     parameters are not finite is rolled back to its start, the last finite parameters, and the
     fit stops there with the first non-finite step named. Only a fixed-steps run whose step count
-    is not a whole number of windows masks steps individually (``cfg.mask_steps``).
+    is not a whole number of windows masks steps individually (``cfg.mask_steps``). With
+    ``skip_when_done=False`` the window always runs (for a fresh state, where ``done`` is False).
     """
     family, objective, optimizer = cfg.family, cfg.objective, cfg.optimizer
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
@@ -222,7 +223,7 @@ def _make_window(cfg: _Config):
     def window(state, key, target, tol, max_steps):
         return jax.lax.cond(state.done, skip, run, state, key, target, tol, max_steps)
 
-    return window
+    return window if skip_when_done else run
 
 
 def _plateau_update(state, losses, count, tol, rule, window):
@@ -258,41 +259,97 @@ def _compiled_window(cfg: _Config, batched: bool):
     return jax.jit(fn)
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_init(family, optimizer, dim, dtype, batched):
-    def init(key):
-        params = family.init(key, dim, dtype)
+def _setup_fn(family, optimizer, dim, dtype, batch):
+    """``setup(key, init_params) -> (state, run_key, final_key)``, uncompiled.
+
+    The key is split inside the compiled code: an eager ``jax.random.split`` compiles its own
+    small programs (~0.25 s in a fresh process, measured), which a first fit would pay for.
+    ``batch`` is ``None`` for one problem, else the number of problems (one key each).
+    """
+
+    def one(k_init, init_params):
+        params = family.init(k_init, dim, dtype) if init_params is None else init_params
         return _init_state(optimizer, params, dtype)
 
-    return jax.jit(jax.vmap(init) if batched else init)
+    def setup(key, init_params):
+        keys = jax.random.split(key, 3)
+        if batch is None:
+            return one(keys[0], init_params), keys[1], keys[2]
+        k_init, k_run, k_final = (jax.random.split(k, batch) for k in keys)
+        return jax.vmap(one, in_axes=(0, None))(k_init, init_params), k_run, k_final
+
+    return setup
+
+
+def _final_fn(family, num_samples, batched):
+    """``final(key, params, target) -> (Estimate, posterior)``, uncompiled.
+
+    The posterior distribution is built inside the compiled code too: numpyro distributions are
+    pytrees, and building a ``MultivariateNormal`` eagerly (with numpyro's argument validation,
+    on by default) ran ~40 small ops, each compiled on first use: 2.4 s of a 5.4 s first fit.
+    """
+
+    def one(key, params, target):
+        return elbo(key, family, params, target, num_samples)
+
+    def final(key, params, target):
+        estimate = (jax.vmap(one) if batched else one)(key, params, target)
+        return estimate, family.to_distribution(params)
+
+    return final
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_elbo(family, num_samples, batched):
-    fn = lambda key, params, target: elbo(key, family, params, target, num_samples)
-    return jax.jit(jax.vmap(fn) if batched else fn)
+def _compiled_setup(family, optimizer, dim, dtype, batch):
+    return jax.jit(_setup_fn(family, optimizer, dim, dtype, batch))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_final(family, num_samples, batched):
+    return jax.jit(_final_fn(family, num_samples, batched))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_fixed(cfg: _Config, batch, dim, dtype, num_elbo_samples):
+    """Setup, all steps and the final ELBO/posterior as one executable (``tol=None``, no
+    progress bar): one compilation and one dispatch, so a short fit costs what a hand-written
+    ``lax.scan`` costs."""
+    setup = _setup_fn(cfg.family, cfg.optimizer, dim, dtype, batch)
+    run = _make_window(cfg, skip_when_done=False)
+    if batch is not None:
+        run = jax.vmap(run, in_axes=(0, 0, 0, None, None))
+    final = _final_fn(cfg.family, num_elbo_samples, batch is not None)
+
+    def program(key, target, init_params, tol, max_steps):
+        state, k_run, k_final = setup(key, init_params)
+        state, losses = run(state, k_run, target, tol, max_steps)
+        estimate, posterior = final(k_final, state.params, target)
+        return state, losses, estimate, posterior
+
+    return jax.jit(program)
 
 
 # Compiled final-ELBO executables by signature. The final estimate is compiled ahead of time on
 # a worker thread while the main thread compiles and runs the optimization (XLA releases the
 # GIL while compiling): measured 30% less wall time for two compilations on 2 cores.
-_ELBO_EXECUTABLES: dict = {}
+_FINAL_EXECUTABLES: dict = {}
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vi-compile")
 
 
-def _elbo_executable(family, num_samples, batched, key, params, target):
-    """A future of the compiled final-ELBO function for these argument shapes."""
+def _final_executable(family, num_samples, batched, key, params, target):
+    """A future of the compiled final function (ELBO estimate and posterior) for these
+    argument shapes; ``key``, ``params`` may be ``jax.ShapeDtypeStruct`` trees."""
     leaves, treedef = jax.tree_util.tree_flatten((key, params, target))
     sig = (
         family, num_samples, batched, treedef,
         tuple((jnp.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves),
     )
-    future = _ELBO_EXECUTABLES.get(sig)
+    future = _FINAL_EXECUTABLES.get(sig)
     if future is None:
-        if len(_ELBO_EXECUTABLES) > 128:
-            _ELBO_EXECUTABLES.clear()
-        lowered = _compiled_elbo(family, num_samples, batched).lower(key, params, target)
-        future = _ELBO_EXECUTABLES[sig] = _COMPILER.submit(lowered.compile)
+        if len(_FINAL_EXECUTABLES) > 128:
+            _FINAL_EXECUTABLES.clear()
+        lowered = _compiled_final(family, num_samples, batched).lower(key, params, target)
+        future = _FINAL_EXECUTABLES[sig] = _COMPILER.submit(lowered.compile)
     return future
 
 
@@ -365,7 +422,8 @@ def _plan(num_steps, tol, progress, rule, max_steps):
     """Static chunking: (cap, steps per window, windows per sync, check_plateau, mask_steps).
 
     With ``tol`` set, the cap is checked after each window (a fit may overrun it by less than one
-    window); with ``tol=None`` exactly ``num_steps`` steps run.
+    window); with ``tol=None`` exactly ``num_steps`` steps run (without a progress bar: one
+    window, which ``fit`` compiles with the setup and the final ELBO into a single executable).
     """
     cap = num_steps if num_steps is not None else max_steps
     if tol is None:
@@ -449,26 +507,41 @@ def fit(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps)
-    k_init, k_run, k_elbo = jax.random.split(key, 3)
-    if init_params is None:
-        state = _compiled_init(family, cfg.optimizer, target.dim, _dtype(), False)(k_init)
+    dtype = _dtype()
+    tol_arr, cap_arr = _scalars(tol, cap, dtype)
+    if tol is None and not progress:
+        program = _compiled_fixed(cfg, None, target.dim, dtype, num_elbo_samples)
+        state, losses, estimate, posterior = program(key, target, init_params, tol_arr, cap_arr)
+        k_run = k_final = None
+        chunks = [losses]
     else:
-        state = _init_state(cfg.optimizer, init_params, _dtype())
-    elbo_fn = _elbo_executable(family, num_elbo_samples, False, k_elbo, state.params, target)
-
-    state, losses = _drive(cfg, False, state, k_run, target, tol, cap, per_sync, progress,
-                           f"fit {family.name}")
+        setup = _compiled_setup(family, cfg.optimizer, target.dim, dtype, None)
+        state, k_run, k_final = setup(key, init_params)
+        final = _final_executable(family, num_elbo_samples, False, k_final, state.params, target)
+        state, chunks = _drive(cfg, False, state, k_run, target, tol_arr, cap_arr, per_sync,
+                               progress, f"fit {family.name}")
     step = int(state.step)
     status = int(state.status)
+    if status == NONFINITE and int(state.bad_step) > step:
+        if k_run is None:  # the one-executable path: recover its keys, then replay
+            _, k_run, k_final = _compiled_setup(family, cfg.optimizer, target.dim, dtype, None)(
+                key, init_params)
+        state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr)
+        step = int(state.step)
+        final = _final_executable(family, num_elbo_samples, False, k_final, state.params, target)
+    elif k_run is None:
+        final = None
     message = _message(status, step, int(state.bad_step), cap)
     if status == NONFINITE:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
     params = state.params
+    if final is not None:
+        estimate, posterior = final.result()(k_final, params, target)
     return FitResult(
-        posterior=family.to_distribution(params),
+        posterior=posterior,
         params=params,
-        losses=losses[:step],
-        elbo=elbo_fn.result()(k_elbo, params, target),
+        losses=_join(chunks, step),
+        elbo=estimate,
         num_steps=step,
         converged=status == CONVERGED,
         status=_STATUS_NAMES[status],
@@ -476,6 +549,18 @@ def fit(
         family=family,
         target=target,
     )
+
+
+def _scalars(tol, cap, dtype):
+    # numpy scalars: passed to compiled code without an eager (compiled) conversion op.
+    return np.asarray(0.0 if tol is None else tol, dtype), np.asarray(cap, np.int32)
+
+
+def _join(chunks, num_steps):
+    """Per-step losses ``(..., num_steps)`` from the windows' chunks, joined on the host (an
+    eager ``jnp.concatenate`` would compile once per number of chunks)."""
+    losses = np.concatenate([np.asarray(c) for c in chunks], axis=-1)
+    return jnp.asarray(losses[..., :num_steps])
 
 
 def _configure(family, objective, num_samples, optimizer, num_steps, tol, progress, stopping,
@@ -491,16 +576,16 @@ def _configure(family, objective, num_samples, optimizer, num_steps, tol, progre
     return family, cfg, cap, per_sync
 
 
-def _drive(cfg, batched, state, key, target, tol, cap, per_sync, progress, desc):
-    """Run compiled windows until every problem is done; ``(state, losses (..., T))``.
+def _drive(cfg, batched, state, key, target, tol_arr, cap_arr, per_sync, progress, desc):
+    """Run compiled windows until every problem is done; ``(state, chunks of losses)``.
 
     Windows are dispatched ``per_sync`` at a time without waiting (JAX runs them
     asynchronously); Python then reads the done flags once and updates the progress bar.
+    Steps are applied contiguously from the start, so a problem's first ``num_steps`` joined
+    losses are its own (a replayed window repeats the rolled-back one exactly); NaN follows.
     """
     window = _compiled_window(cfg, batched)
-    dtype = _dtype()
-    tol_arr = jnp.asarray(0.0 if tol is None else tol, dtype)
-    cap_arr = jnp.asarray(cap, jnp.int32)
+    cap = int(cap_arr)
     chunks = []
     with tqdm(total=cap, disable=not progress, desc=desc, leave=False) as bar:
         seen = 0
@@ -522,11 +607,7 @@ def _drive(cfg, batched, state, key, target, tol, cap, per_sync, progress, desc)
                         bar.set_postfix(elbo=f"{-recent.mean():.4g}")
             if done.all():
                 break
-    if not batched and int(state.status) == NONFINITE and int(state.bad_step) > int(state.step):
-        state = _replay_to_last_finite(cfg, state, key, target, tol_arr)
-    # Steps are applied contiguously from the start, so a problem's first num_steps entries are
-    # its losses (a replayed window repeats the rolled-back one exactly); what follows is NaN.
-    return state, jnp.concatenate(chunks, axis=-1)
+    return state, chunks
 
 
 def _replay_to_last_finite(cfg, state, key, target, tol_arr):
@@ -537,10 +618,10 @@ def _replay_to_last_finite(cfg, state, key, target, tol_arr):
     """
     bad = state.bad_step
     replay = _compiled_window(cfg._replace(mask_steps=True), False)
-    running = state._replace(done=jnp.asarray(False), status=jnp.asarray(RUNNING, jnp.int32))
+    running = state._replace(done=np.asarray(False), status=np.asarray(RUNNING, np.int32))
     state, _ = replay(running, key, target, tol_arr, bad)
     return state._replace(
-        done=jnp.asarray(True), status=jnp.asarray(NONFINITE, jnp.int32), bad_step=bad
+        done=np.asarray(True), status=np.asarray(NONFINITE, np.int32), bad_step=bad
     )
 
 
@@ -605,12 +686,18 @@ def fit_many(
     )
     targets = jax.vmap(make_target)(*batched_args)
     _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps)
-    k_init, k_run, k_elbo = (jax.random.split(k, B) for k in jax.random.split(key, 3))
-    state = _compiled_init(family, cfg.optimizer, targets.dim, _dtype(), True)(k_init)
-    elbo_fn = _elbo_executable(family, num_elbo_samples, True, k_elbo, state.params, targets)
-
-    state, losses = _drive(cfg, True, state, k_run, targets, tol, cap, per_sync, progress,
-                           f"fit_many {family.name} x{B}")
+    dtype = _dtype()
+    tol_arr, cap_arr = _scalars(tol, cap, dtype)
+    if tol is None and not progress:
+        program = _compiled_fixed(cfg, B, targets.dim, dtype, num_elbo_samples)
+        state, losses, estimate, posterior = program(key, targets, None, tol_arr, cap_arr)
+        chunks, final = [losses], None
+    else:
+        setup = _compiled_setup(family, cfg.optimizer, targets.dim, dtype, B)
+        state, k_run, k_final = setup(key, None)
+        final = _final_executable(family, num_elbo_samples, True, k_final, state.params, targets)
+        state, chunks = _drive(cfg, True, state, k_run, targets, tol_arr, cap_arr, per_sync,
+                               progress, f"fit_many {family.name} x{B}")
     steps = np.asarray(state.step)
     status = np.asarray(state.status)
     names = np.array([_STATUS_NAMES[int(s)] for s in status])
@@ -620,15 +707,17 @@ def fit_many(
     if bad.size:
         message += (
             f"; non-finite loss/gradient in problems {bad[:10].tolist()}"
-            f"{'...' if bad.size > 10 else ''} (their parameters are the last finite ones)"
+            f"{'...' if bad.size > 10 else ''} (their parameters are those at the start of the window where it happened)"
         )
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
     params = state.params
+    if final is not None:
+        estimate, posterior = final.result()(k_final, params, targets)
     return FitResult(
-        posterior=family.to_distribution(params),
+        posterior=posterior,
         params=params,
-        losses=losses[:, : int(steps.max())],
-        elbo=elbo_fn.result()(k_elbo, params, targets),
+        losses=_join(chunks, int(steps.max())),
+        elbo=estimate,
         num_steps=steps,
         converged=status == CONVERGED,
         status=names,
