@@ -155,17 +155,23 @@ def test_second_fit_of_the_same_shapes_does_not_recompile():
             assert len(traces) == n_before, "the second fit retraced the target"
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters():
+@pytest.mark.parametrize("fixed_steps", [False, True], ids=["until-converged", "fixed-steps"])
+def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
     # Finite only for z[0] < 2: the fit walks towards the mode at 3 and must stop cleanly.
+    # fixed-steps (tol=None, no progress bar) runs as one executable and replays separately.
     target = vi.Target.from_log_density(
         lambda z: jnp.where(z[0] < 2.0, -0.5 * jnp.sum((z - 3.0) ** 2), jnp.nan), 2
     )
+    kw = dict(tol=None, num_steps=3000) if fixed_steps else {}
     with pytest.warns(RuntimeWarning, match="NaN/inf"):
-        res = vi.fit(target, "meanfield", key=jax.random.key(13), progress=False)
+        res = vi.fit(target, "meanfield", key=jax.random.key(13), progress=False, **kw)
     assert res.status == "nonfinite" and not res.converged
     assert "step" in res.message
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(res.params))
-    assert res.num_steps > 0
+    assert res.num_steps > 0 and res.losses.shape == (res.num_steps,)
+    assert bool(jnp.all(jnp.isfinite(res.losses)))
+    # The kept parameters are those of the last finite step, not of the start.
+    assert float(res.posterior.mean[0]) > 1.0
 
 
 def test_fit_many_matches_each_exact_posterior():

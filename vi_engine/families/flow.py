@@ -314,8 +314,11 @@ class Flow(Family):
                 f"Flow.to_distribution: params have batch shape {loc.shape[:-1]}; only "
                 "unbatched flow params are supported (index one problem first)"
             )
-        base = dist.Normal(jnp.zeros_like(loc), jnp.ones_like(loc)).to_event(1)
-        return dist.TransformedDistribution(base, FlowTransform(self, params))
+        # No argument validation: it runs eagerly even under jit (see families/gaussian.py).
+        base = dist.Normal(jnp.zeros_like(loc), jnp.ones_like(loc), validate_args=False)
+        return dist.TransformedDistribution(
+            base.to_event(1), FlowTransform(self, params), validate_args=False
+        )
 
 
 class FlowTransform(Transform):

@@ -4,6 +4,11 @@ Parameters are unconstrained (scales through ``exp`` of a log-scale, as in ADVI,
 al. 2017), so any optax optimizer can update them freely. Each family's ``to_distribution``
 returns the matching numpyro distribution, whose batch shape is the leading shape of the params
 (``vi.fit_many`` vmaps over problems, giving batch shape ``(B,)``).
+
+``to_distribution`` skips numpyro's argument validation (``validate_args=False``): the
+parametrization makes every scale positive and every Cholesky factor valid by construction, and
+numpyro's checks run eagerly even while tracing (``ensure_compile_time_eval``), one compiled op at
+a time: measured 0.95 s of a 3.3 s first fit for ``MultivariateNormal``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ def _check_init_scale(init_scale):
 def _check_dim(dim):
     if not (isinstance(dim, int) and dim >= 1):
         raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+
+
+def _std_normal_log_prob(u, log_scale):
+    """``Σ_i [−½ u_i² − log σ_i − ½ log 2π]`` over the last axis, written as ONE reduction.
+
+    Why one: inside the compiled fit loop every separate reduction is one more kernel launch per
+    step. Writing log q as ``−½ Σu² − Σ log σ + c`` (two sums) made a mean-field step on
+    logistic regression (N=100, d=5) 3.5 µs slower than a hand-written loop (18.2 vs 11.2 ms for
+    2000 steps, measured); this form runs at the hand-written speed.
+    """
+    return jnp.sum(-0.5 * jnp.square(u) - log_scale - 0.5 * math.log(2.0 * math.pi), -1)
 
 
 def _gaussian_entropy_const(dim, dtype):
@@ -104,19 +120,18 @@ class MeanField(Family):
     def sample_and_log_prob(self, key, params, num_samples):
         eps = jax.random.normal(key, (num_samples, *params.loc.shape), params.loc.dtype)
         z = params.loc + jnp.exp(params.log_scale) * eps
-        log_q = -0.5 * jnp.sum(eps**2, -1) - self.entropy(params) + 0.5 * eps.shape[-1]
-        return z, log_q
+        return z, _std_normal_log_prob(eps, params.log_scale)
 
     def log_prob(self, params, z):
-        u = (z - params.loc) * jnp.exp(-params.log_scale)
-        return -0.5 * jnp.sum(u**2, -1) - self.entropy(params) + 0.5 * z.shape[-1]
+        u = (z - params.loc) / jnp.exp(params.log_scale)
+        return _std_normal_log_prob(u, params.log_scale)
 
     def entropy(self, params):
         dim = params.loc.shape[-1]
         return jnp.sum(params.log_scale, -1) + _gaussian_entropy_const(dim, params.loc.dtype)
 
     def to_distribution(self, params):
-        return dist.Normal(params.loc, jnp.exp(params.log_scale)).to_event(1)
+        return dist.Normal(params.loc, jnp.exp(params.log_scale), validate_args=False).to_event(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +176,7 @@ class FullRank(Family):
         # log q from the standard-normal draws themselves: exact, with no triangular solve.
         eps = jax.random.normal(key, (num_samples, *params.loc.shape), params.loc.dtype)
         z = params.loc + jnp.einsum("...ij,n...j->n...i", self.scale_tril(params), eps)
-        log_q = -0.5 * jnp.sum(eps**2, -1) - self.entropy(params) + 0.5 * eps.shape[-1]
-        return z, log_q
+        return z, _std_normal_log_prob(eps, params.log_diag)
 
     def log_prob(self, params, z):
         if params.loc.ndim != 1:  # batched parameters: numpyro broadcasts the batch shapes
@@ -174,15 +188,16 @@ class FullRank(Family):
         u = jax.lax.linalg.triangular_solve(
             self.scale_tril(params), diff, left_side=False, lower=True, transpose_a=True
         )
-        log_q = -0.5 * jnp.sum(u**2, -1) - self.entropy(params) + 0.5 * dim
-        return jnp.reshape(log_q, z.shape[:-1])
+        return jnp.reshape(_std_normal_log_prob(u, params.log_diag), z.shape[:-1])
 
     def entropy(self, params):
         dim = params.loc.shape[-1]
         return jnp.sum(params.log_diag, -1) + _gaussian_entropy_const(dim, params.loc.dtype)
 
     def to_distribution(self, params):
-        return dist.MultivariateNormal(params.loc, scale_tril=self.scale_tril(params))
+        return dist.MultivariateNormal(
+            params.loc, scale_tril=self.scale_tril(params), validate_args=False
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,5 +253,5 @@ class LowRank(Family):
 
     def to_distribution(self, params):
         return dist.LowRankMultivariateNormal(
-            params.loc, params.cov_factor, jnp.exp(2.0 * params.log_diag)
+            params.loc, params.cov_factor, jnp.exp(2.0 * params.log_diag), validate_args=False
         )
