@@ -1,6 +1,7 @@
 """vi_engine: a JAX-accelerated variational inference engine.
 
-Public API, re-exported explicitly; nothing is defined here.
+Public API, re-exported explicitly; nothing is defined here (``Flow`` and ``amortized``, which
+need flax, are imported on first use).
 
 >>> import vi_engine as vi
 """
@@ -33,11 +34,19 @@ from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family,
 from vi_engine.fit import FitResult, StoppingRule, default_optimizer, fit, fit_many
 from vi_engine.objectives import ELBO, IWAE, Estimate, Renyi, elbo, get_objective, log_weights
 
-# --- flows and amortized inference ---
-from vi_engine import amortized
-from vi_engine.families.flow import Flow
-
 __version__ = "0.1.0"
+
+
+# --- flows and amortized inference: loaded on first use (they import flax, ~0.2 s) ---
+def __getattr__(name):
+    import importlib
+
+    if name == "Flow":
+        return importlib.import_module("vi_engine.families.flow").Flow
+    if name == "amortized":
+        return importlib.import_module("vi_engine.amortized")
+    raise AttributeError(f"module 'vi_engine' has no attribute {name!r}")
+
 
 __all__ = [
     "conditional_entropy",

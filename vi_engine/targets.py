@@ -465,8 +465,9 @@ def _float_dtype(data):
 
 
 def _check_test_point(target: Target, what: str) -> None:
-    z0 = jnp.zeros((target.dim,), _float_dtype(target.data))
-    # jit: one compilation (cached per function and shapes) instead of one per eager op.
+    # numpy for the test point and the checks, jit for the density: one compilation (cached per
+    # function and shapes) instead of one per eager op (~0.1 s saved on a first target).
+    z0 = np.zeros((target.dim,), _float_dtype(target.data))
     value = jax.jit(target._fn)(z0, *target.data)
     _check_value(target, value, what)
 
@@ -481,7 +482,7 @@ def _check_value(target: Target, value, what: str) -> None:
             f"({target.dim},); at z = zeros({target.dim}) it returned shape {shape} "
             f"(dtype {jnp.result_type(value)}). Sum over data points / dimensions inside it."
         )
-    if not bool(jnp.isfinite(value)):
+    if not np.isfinite(np.asarray(value)):
         raise ValueError(
             f"Target {target.name!r}: {what} is not finite at the test point "
             f"z = zeros({target.dim}): it returned {float(value)}. A target must be finite "
