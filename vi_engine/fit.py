@@ -760,7 +760,8 @@ def fit_many(
     if bad.size:
         message += (
             f"; non-finite loss/gradient in problems {bad[:10].tolist()}"
-            f"{'...' if bad.size > 10 else ''} (their parameters are those at the start of the window where it happened)"
+            f"{'...' if bad.size > 10 else ''} (their parameters are those at the start of "
+            "the window where it happened)"
         )
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
     if final is not None:
