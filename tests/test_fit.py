@@ -137,6 +137,14 @@ def test_fixed_steps_run_exactly(gauss3):
     )
     assert res.num_steps == 123 and res.losses.shape == (123,) and res.status == "max_steps"
     assert bool(jnp.all(jnp.isfinite(res.losses)))
+    # num_elbo_samples=0: the same fit (same keys), no final estimate.
+    bare = vi.fit(
+        gauss3.target, "meanfield", key=jax.random.key(12), tol=None, num_steps=123,
+        progress=False, num_elbo_samples=0,
+    )
+    assert bare.elbo is None and res.elbo is not None
+    np.testing.assert_array_equal(bare.params.loc, res.params.loc)
+    assert bare.posterior.event_shape == (3,)
 
 
 def test_second_fit_of_the_same_shapes_does_not_recompile():
@@ -221,6 +229,8 @@ def test_bad_arguments_are_clear_errors(gauss3):
         vi.fit(gauss3.target, key=jax.random.key(0), objective="kl")
     with pytest.raises(ValueError, match="num_samples"):
         vi.fit(gauss3.target, key=jax.random.key(0), num_samples=0)
+    with pytest.raises(ValueError, match="num_elbo_samples"):
+        vi.fit(gauss3.target, key=jax.random.key(0), num_elbo_samples=-1)
 
 
 def test_progress_bar_does_not_change_the_result(gauss3):

@@ -296,6 +296,8 @@ def _final_fn(family, num_samples, batched):
         return elbo(key, family, params, target, num_samples)
 
     def final(key, params, target):
+        if num_samples == 0:  # the caller asked for no final estimate
+            return None, family.to_distribution(params)
         estimate = (jax.vmap(one) if batched else one)(key, params, target)
         return estimate, family.to_distribution(params)
 
@@ -411,7 +413,8 @@ class FitResult:
       params: the family's parameters.
       losses: ``(num_steps,)`` per-step negative-ELBO estimates (``fit_many``: ``(B, T)``,
         NaN after a problem stopped).
-      elbo: ``Estimate(mean, stderr)`` of the final ELBO (``num_elbo_samples`` draws).
+      elbo: ``Estimate(mean, stderr)`` of the final ELBO (``num_elbo_samples`` draws), or
+        ``None`` with ``num_elbo_samples=0``.
       num_steps: steps actually run. converged: the stopping rule fired.
       status: ``"converged"``, ``"max_steps"`` or ``"nonfinite"`` (per problem in fit_many).
       message: a human-readable report (why it stopped; a hint on non-finite values).
@@ -438,7 +441,7 @@ class FitResult:
         return z
 
 
-def _check_common(target, key, num_samples, tol, num_steps, max_steps):
+def _check_common(target, key, num_samples, tol, num_steps, max_steps, num_elbo_samples):
     if not (hasattr(target, "log_density") and hasattr(target, "dim")):
         raise TypeError(
             f"target: expected a vi.Target (with .log_density and .dim), got "
@@ -464,6 +467,11 @@ def _check_common(target, key, num_samples, tol, num_steps, max_steps):
         )
     if not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
+    if not (isinstance(num_elbo_samples, int) and num_elbo_samples >= 0):
+        raise ValueError(
+            f"num_elbo_samples: expected a non-negative integer (0: no final estimate), got "
+            f"{num_elbo_samples!r}"
+        )
 
 
 def _plan(num_steps, tol, progress, rule, max_steps):
@@ -540,7 +548,8 @@ def fit(
       progress: show a tqdm bar with the ELBO, updated between compiled chunks.
       init_params: start from these parameters instead of ``family.init``.
       stopping: a ``vi.StoppingRule`` (window, patience, factor, max_decays, z).
-      num_elbo_samples: draws for the final ELBO estimate.
+      num_elbo_samples: draws for the final ELBO estimate; ``0`` skips it (``elbo`` is then
+        ``None``), which saves its compilation on a first call.
 
     Returns:
       ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
@@ -554,7 +563,7 @@ def fit(
     family, cfg, cap, per_sync = _configure(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
-    _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps)
+    _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     setup = _compiled_setup(family, cfg.optimizer, target.dim, dtype, None)
@@ -737,7 +746,7 @@ def fit_many(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     targets = jax.vmap(make_target)(*batched_args)
-    _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps)
+    _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     if tol is None and not progress:

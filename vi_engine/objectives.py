@@ -214,6 +214,8 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
 def _log_weights_batched(key, family, params, target, num_samples, batch_size):
     num_batches = -(-num_samples // batch_size)
     per = min(batch_size, num_samples)
+    if num_batches == 1:  # no loop to compile (fit's final estimate is often one batch)
+        return log_weights(jax.random.split(key, 1)[0], family, params, target, per)
     keys = jax.random.split(key, num_batches)
     lw = jax.lax.map(lambda k: log_weights(k, family, params, target, per), keys)
     return lw.reshape(-1)[:num_samples]

@@ -5,7 +5,8 @@ Same estimator on every side where it can be: 1-sample reparameterized ELBO with
 for all three, zero mean and scale 0.1 at start, a fixed number of steps (``tol=None``).
 
 - ``vi_engine``: ``vi.fit(target, "meanfield", key=..., num_steps=S, tol=None, progress=False,
-  num_elbo_samples=1)`` — the public call, timed whole (init, loop, a 1-draw final ELBO).
+  num_elbo_samples=0)`` — the public call, timed whole (init, loop, posterior; no final ELBO
+  estimate, as on the other sides).
 - ``hand-written scan``: ``lax.scan`` + optax of the same estimator, one jitted call (the limit).
 - ``numpyro SVI scan``: ``svi.update`` under ``lax.scan``, jitted once (AutoNormal, Trace_ELBO
   with 1 particle, ``optax_to_numpyro`` of the same optimizer); its estimator keeps the score
@@ -46,7 +47,7 @@ def run(cfg, ctx) -> dict:
         # vi_engine
         fam = vi.get_family("meanfield")
         fit = lambda: vi.fit(p.target, "meanfield", key=key, num_steps=steps, tol=None,
-                             progress=False, optimizer=opt, num_elbo_samples=1).params
+                             progress=False, optimizer=opt, num_elbo_samples=0).params
         params = vi.fit(p.target, "meanfield", key=key, num_steps=10, tol=None,
                         progress=False, optimizer=opt, num_elbo_samples=1).params
         elbo_fn = jax.jit(lambda k, prm, t: vi.elbo(k, fam, prm, t, K, batch_size=K).mean)
