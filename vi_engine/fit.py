@@ -20,6 +20,14 @@ NaN guard. A window whose losses or parameters are not finite is rolled back to 
 the fit stops with status ``"nonfinite"``; ``vi.fit`` then replays that window up to its first
 non-finite step, so it keeps the last finite parameters (``fit_many`` keeps those of the window's
 start), and the result says at which step and why.
+
+Compilation (what a first call costs, measured on 2 CPU cores). Nothing runs eagerly: keys are
+split, parameters initialized and the posterior distribution built inside compiled code (eager
+ops each compile a small program: they had cost 3 s of a 5.4 s first fit). With ``tol=None``
+and no progress bar the whole fit (setup, steps, final ELBO) is ONE executable, which is what
+``fit_many`` and short fixed-step fits want. Until convergence, three executables (setup, window,
+final ELBO) are compiled ahead of time and cached by signature, the final one on a worker thread
+while the optimization runs.
 """
 
 from __future__ import annotations
