@@ -37,8 +37,11 @@ _QUICK = {
         "batches": [1, 100, 1000],
         "n": 50, "d": 3, "steps": 1000,
         "python_loop_problems": 2,
+        "first_call_rounds": 3,
     },
-    "kl": {"diag_pairs": 1_000_000, "diag_dim": 16, "mvn_pairs": 10_000, "mvn_dim": 32},
+    # repeat: interleaved timing rounds (calls of 30-200 ms: 5 rounds left ±10% of noise)
+    "kl": {"diag_pairs": 1_000_000, "diag_dim": 16, "mvn_pairs": 10_000, "mvn_dim": 32,
+           "repeat": 15},
     "flows": {
         "targets": ["banana", "funnel", "mixture", "gaussian", "eight_schools_centered"],
         "fixed_steps": None,  # None: vi.fit defaults (plateau stopping); n: num_steps=n, tol=None

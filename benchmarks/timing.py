@@ -152,3 +152,20 @@ def measure_many(fns: dict[str, Callable], *, repeat: int = 5, warmup: int = 1) 
                "times": ts, "repeat": len(ts)}
         for name, ts in times.items()
     }
+
+
+def measure_first_calls(fns: dict[str, Callable], *, rounds: int = 3) -> dict:
+    """Compile-inclusive ("first call") times of several zero-argument callables, each taken
+    ``rounds`` times from cold: ``jax.clear_caches()`` before every call, so each one traces and
+    compiles again. Rounds are interleaved in a rotating order, as in :func:`measure_many`; a
+    single first call per side is at the mercy of the machine's load (seen: ±10% on 3 s).
+    Returns ``{name: {"median": s, "times": [...]}}``."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(max(rounds, 1)):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            jax.clear_caches()
+            _, t = timed_call(fns[name])
+            times[name].append(t)
+    return {name: {"median": statistics.median(ts), "times": ts} for name, ts in times.items()}

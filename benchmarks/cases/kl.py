@@ -33,8 +33,8 @@ def _numpyro_pair(tp, tq):
 def run(cfg, ctx) -> dict:
     import vi_engine as vi
 
-    repeat = cfg["repeat"]
-    cfg = cfg["kl"]
+    cfg, repeat = cfg["kl"], cfg["repeat"]
+    repeat = cfg.get("repeat", repeat)
     rows, checks, data = [], [], {}
     key = jax.random.key(0)
 
