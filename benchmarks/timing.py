@@ -156,16 +156,20 @@ def measure_many(fns: dict[str, Callable], *, repeat: int = 5, warmup: int = 1) 
 
 def measure_first_calls(fns: dict[str, Callable], *, rounds: int = 3) -> dict:
     """Compile-inclusive ("first call") times of several zero-argument callables, each taken
-    ``rounds`` times from cold: ``jax.clear_caches()`` before every call, so each one traces and
-    compiles again. Rounds are interleaved in a rotating order, as in :func:`measure_many`; a
-    single first call per side is at the mercy of the machine's load (seen: ±10% on 3 s).
+    ``rounds`` times from cold: ``jax.clear_caches()`` and ``vi_engine.fit.clear_caches()``
+    before every call, so each one traces and compiles again. Rounds are interleaved in a
+    rotating order, as in :func:`measure_many`; a single first call per side is at the mercy of
+    the machine's load (seen: ±10% on 3 s).
     Returns ``{name: {"median": s, "times": [...]}}``."""
+    from vi_engine.fit import clear_caches as clear_vi_engine_caches
+
     names = list(fns)
     times = {name: [] for name in names}
     for r in range(max(rounds, 1)):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             jax.clear_caches()
+            clear_vi_engine_caches()  # its ahead-of-time executables, which jax does not see
             _, t = timed_call(fns[name])
             times[name].append(t)
     return {name: {"median": statistics.median(ts), "times": ts} for name, ts in times.items()}

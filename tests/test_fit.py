@@ -182,6 +182,18 @@ def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
     assert float(res.posterior.mean[0]) > 1.0
 
 
+def test_x64_reaches_every_compiled_part():
+    # enable_x64 is thread-local: the final ELBO, compiled on a worker thread, must still be
+    # traced where the fit was called (float64 throughout), on both paths.
+    target = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 2)
+    with jax.enable_x64(True):
+        for kw in ({"num_steps": 400}, {"num_steps": 50, "tol": None}):
+            res = vi.fit(target, "meanfield", key=jax.random.key(3), progress=False,
+                         num_elbo_samples=10, **kw)
+            assert res.params.loc.dtype == jnp.float64
+            assert res.elbo.mean.dtype == jnp.float64, kw
+
+
 def test_fit_many_matches_each_exact_posterior():
     keys = jax.random.split(jax.random.key(14), 4)
     X = jax.vmap(lambda k: jax.random.normal(k, (30, 2)))(keys)

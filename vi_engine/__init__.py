@@ -48,6 +48,10 @@ def __getattr__(name):
     raise AttributeError(f"module 'vi_engine' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | {"Flow", "amortized"})
+
+
 __all__ = [
     "conditional_entropy",
     "cross_entropy",

@@ -351,14 +351,23 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype, num_elbo_samples):
 # three programs are needed: the setup and the window are compiled here, one after the other,
 # and the final ELBO on a worker thread once the window is compiled, so that it overlaps the
 # optimization itself. Measured on 2 cores: compiling all three at once is slower (XLA's
-# compiler already keeps both cores busy: the window took 2.7 s instead of 1.7 s).
+# compiler already keeps both cores busy: the window took 2.7 s instead of 1.7 s). Tracing and
+# lowering always happen on the calling thread: JAX's context managers (enable_x64, matmul
+# precision, ...) are thread-local, and numpyro's handler stack is a global list.
 _EXECUTABLES: dict = {}
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vi-compile")
 
 
 def _signature(tag, args):
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    return tag, treedef, tuple(
+    # Settings that change the compiled program without changing any input's dtype or shape.
+    settings = (
+        jax.config.jax_default_matmul_precision,
+        jax.config.jax_threefry_partitionable,
+        jax.config.jax_numpy_dtype_promotion,
+        jax.default_backend(),
+    )
+    return tag, settings, treedef, tuple(
         (tuple(getattr(x, "shape", np.shape(x))), str(getattr(x, "dtype", type(x))))
         for x in leaves
     )
@@ -374,6 +383,8 @@ def _executable(jitted, tag, *args, where="here"):
     """
     sig = _signature(tag, args)
     hit = _EXECUTABLES.get(sig)
+    if hit is not None and hit[0].done() and hit[0].exception() is not None:
+        hit = None  # a failed compilation is raised once, not cached
     if hit is None:
         if len(_EXECUTABLES) > 256:
             _EXECUTABLES.clear()
@@ -389,6 +400,14 @@ def _executable(jitted, tag, *args, where="here"):
             hit = (future, lowered.out_info)
         _EXECUTABLES[sig] = hit
     return hit
+
+
+def clear_caches() -> None:
+    """Drop vi_engine's ahead-of-time compiled executables (``jax.clear_caches()`` does not see
+    them), so that the next fit traces and compiles from scratch: for cold-start timing."""
+    _EXECUTABLES.clear()
+    for fn in (_compiled_window, _compiled_setup, _compiled_final, _compiled_fixed):
+        fn.cache_clear()
 
 
 def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
@@ -408,7 +427,7 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
     final, _ = _executable(
         _compiled_final(cfg.family, num_elbo_samples, batched),
         ("final", cfg.family, num_elbo_samples, batched),
-        k_final, state.params, target, where="there",
+        k_final, state.params, target, where="compile-there",
     )
     return (state, k_run, k_final), window.result(), final
 
@@ -421,8 +440,9 @@ class FitResult:
       posterior: numpyro Distribution over the target's unconstrained vector, event shape
         ``(dim,)`` (``Normal(...).to_event(1)``, ``MultivariateNormal``, ...).
       params: the family's parameters.
-      losses: ``(num_steps,)`` per-step negative-ELBO estimates (``fit_many``: ``(B, T)``,
-        NaN after a problem stopped).
+      losses: ``(num_steps,)`` per-step negative-ELBO estimates (``fit_many``: ``(B, T)``;
+        entries past a problem's ``num_steps`` are padding: NaN, or for a problem rolled back
+        after a non-finite step, the losses of the rolled-back steps).
       elbo: ``Estimate(mean, stderr)`` of the final ELBO (``num_elbo_samples`` draws), or
         ``None`` with ``num_elbo_samples=0``.
       num_steps: steps actually run. converged: the stopping rule fired.
@@ -434,7 +454,7 @@ class FitResult:
     posterior: Any
     params: Any
     losses: Any
-    elbo: Estimate
+    elbo: Estimate | None
     num_steps: Any
     converged: Any
     status: Any
@@ -779,8 +799,9 @@ def fit_many(
     if bad.size:
         message += (
             f"; non-finite loss/gradient in problems {bad[:10].tolist()}"
-            f"{'...' if bad.size > 10 else ''} (their parameters are those at the start of "
-            "the window where it happened)"
+            f"{'...' if bad.size > 10 else ''} (their parameters are rolled back to the start "
+            "of the window where it happened: with tol=None and no progress bar, to the initial "
+            "parameters)"
         )
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
     if final is not None:
