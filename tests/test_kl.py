@@ -435,10 +435,10 @@ def test_near_degenerate_covariance_float32_vs_float64():
 # --- gradients ---
 
 
-def test_many_small_systems_match_lapack_and_numpy():
-    # >= 256 full-rank q of d <= 64 take the vectorized forward substitution (kl._solve_tril_many);
-    # fewer take LAPACK. 300 pairs: not a multiple of the chunk (padding); junk above q's
-    # diagonal must be ignored, as LAPACK's trsm does; a diagonal p takes the same route.
+def test_batch_of_full_rank_pairs_matches_slices_and_numpy():
+    # A batch of 300 pairs through the merged solve (L_q⁻¹ [L_p, δ] at once) equals the same
+    # pairs in slices and the float64 closed form; junk above q's diagonal is ignored (only
+    # the lower triangle is read); a diagonal p takes the same route; gradients check.
     rng = np.random.default_rng(11)
     n, d = 300, 5
     Lp = np.stack([np.linalg.cholesky(_spd(rng, d)) for _ in range(n)])

@@ -328,55 +328,6 @@ def _solve_tril(L, B):
     return _trsm(L, B)
 
 
-# Many small systems: LAPACK solves them one call at a time (10⁴ calls of a 32 × 33 trsm is
-# ~1 GFlop/s on CPU). Forward substitution over rows, vectorized across a chunk of systems, is
-# the same algorithm with the batch in the vector lanes: measured 102 vs 183 ms for 10⁴ systems,
-# d = 32, 33 right-hand sides. Chunks keep each system's working set in cache.
-_MANY_SYSTEMS, _SMALL_DIM, _CHUNK = 256, 64, 64
-
-
-def _solve_tril_many(L, B):
-    """L⁻¹ B for n lower-triangular systems: L (n, d, d), B (n, d, k) -> (n, d, k).
-
-    Only the strictly lower triangle and the diagonal of L are read, as in LAPACK's trsm.
-    """
-    n, d, k = B.shape
-    c = -(-n // _CHUNK)
-    pad = c * _CHUNK - n
-    if pad:  # identity systems with zero right-hand sides: finite, and dropped below
-        L = jnp.concatenate([L, jnp.broadcast_to(jnp.eye(d, dtype=L.dtype), (pad, d, d))])
-        B = jnp.concatenate([B, jnp.zeros((pad, d, k), B.dtype)])
-    cols = jnp.arange(d)
-
-    def solve_chunk(args):
-        Lc, Bc = args
-
-        def row(i, X):  # rows < i of X are solved, rows >= i are still zero
-            li = lax.dynamic_index_in_dim(Lc, i, 1, keepdims=False)
-            lii = lax.dynamic_index_in_dim(li, i, 1, keepdims=False)
-            li = jnp.where(cols < i, li, 0.0)
-            bi = lax.dynamic_index_in_dim(Bc, i, 1, keepdims=False)
-            xi = (bi - jnp.einsum("cj,cjk->ck", li, X)) / lii[:, None]
-            return lax.dynamic_update_index_in_dim(X, xi, i, 1)
-
-        return lax.fori_loop(0, d, row, jnp.zeros_like(Bc))
-
-    X = lax.map(solve_chunk, (L.reshape(c, _CHUNK, d, d), B.reshape(c, _CHUNK, d, k)))
-    return X.reshape(c * _CHUNK, d, k)[:n]
-
-
-def _solve_tril_batch(L, B):
-    """:func:`_solve_tril`, by forward substitution when there are many small systems."""
-    d = L.shape[-1]
-    batch = lax.broadcast_shapes(L.shape[:-2], B.shape[:-2])
-    n = math.prod(batch)
-    if L.ndim == 2 or d > _SMALL_DIM or n < _MANY_SYSTEMS:
-        return _solve_tril(L, B)
-    L = jnp.broadcast_to(L, (*batch, d, d)).reshape(n, d, d)
-    B = jnp.broadcast_to(B, (*batch, *B.shape[-2:]))
-    return _solve_tril_many(L, B.reshape(n, *B.shape[-2:])).reshape(B.shape)
-
-
 class _Gauss(NamedTuple):
     kind: str  # "full" (tril), "diag" (scale), "lowrank" (W, D)
     loc: jax.Array
@@ -456,7 +407,7 @@ def _kl_gauss_triangular(p: _Gauss, q: _Gauss):
         rhs = jnp.concatenate(
             [jnp.broadcast_to(P, (*batch, d, d)), jnp.broadcast_to(delta, (*batch, d, 1))], -1
         )
-        x = _solve_tril_batch(q.a, rhs)
+        x = _solve_tril(q.a, rhs)
         M, z = x[..., :d], x[..., d:]
         diag_q = jnp.diagonal(q.a, axis1=-2, axis2=-1)
     else:
