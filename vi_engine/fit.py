@@ -373,33 +373,35 @@ def _signature(tag, args):
     )
 
 
-def _executable(jitted, tag, *args, where="here"):
-    """``(future of jitted compiled for the shapes of args, its output shapes)``, cached.
+def _executable(jitted, tag, *args, compile_there=False):
+    """A future of ``jitted`` compiled for the shapes of ``args``, cached by signature.
 
-    ``args`` may hold ``jax.ShapeDtypeStruct`` leaves. ``where``: ``"here"`` traces, lowers and
-    compiles in this thread; ``"compile-there"`` lowers here (so the output shapes are known
-    at once) and compiles on the worker thread; ``"there"`` does everything on the worker
-    (output shapes ``None``).
+    Tracing and lowering happen in this thread (see ``_EXECUTABLES``); with ``compile_there``
+    the compilation runs on the worker thread.
     """
     sig = _signature(tag, args)
     hit = _EXECUTABLES.get(sig)
-    if hit is not None and hit[0].done() and hit[0].exception() is not None:
+    if hit is not None and hit.done() and hit.exception() is not None:
         hit = None  # a failed compilation is raised once, not cached
     if hit is None:
         if len(_EXECUTABLES) > 256:
             _EXECUTABLES.clear()
-        if where == "there":
-            hit = (_COMPILER.submit(lambda: jitted.lower(*args).compile()), None)
+        lowered = jitted.lower(*args)
+        if compile_there:
+            future = _COMPILER.submit(lowered.compile)
         else:
-            lowered = jitted.lower(*args)
-            if where == "here":
-                future = concurrent.futures.Future()
-                future.set_result(lowered.compile())
-            else:
-                future = _COMPILER.submit(lowered.compile)
-            hit = (future, lowered.out_info)
-        _EXECUTABLES[sig] = hit
+            future = concurrent.futures.Future()
+            future.set_result(lowered.compile())
+        hit = _EXECUTABLES[sig] = future
     return hit
+
+
+def _final_executable(family, num_samples, batched, key, params, target, compile_there=False):
+    """A future of the compiled final function (ELBO estimate and posterior)."""
+    return _executable(
+        _compiled_final(family, num_samples, batched), ("final", family, num_samples, batched),
+        key, params, target, compile_there=compile_there,
+    )
 
 
 def clear_caches() -> None:
@@ -414,21 +416,18 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
              num_elbo_samples):
     """Start a fit that runs window by window: ``((state, run key, final key), compiled
     window, future of the compiled final function)``. See ``_EXECUTABLES`` for the order."""
-    setup, _ = _executable(
+    setup = _executable(
         _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch),
         ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
     )
     state, k_run, k_final = setup.result()(key, init_params)
     batched = batch is not None
-    window, _ = _executable(
+    window = _executable(
         _compiled_window(cfg, batched), ("window", cfg, batched),
         state, k_run, target, tol_arr, cap_arr,
     )
-    final, _ = _executable(
-        _compiled_final(cfg.family, num_elbo_samples, batched),
-        ("final", cfg.family, num_elbo_samples, batched),
-        k_final, state.params, target, where="compile-there",
-    )
+    final = _final_executable(cfg.family, num_elbo_samples, batched, k_final, state.params,
+                              target, compile_there=True)
     return (state, k_run, k_final), window.result(), final
 
 
@@ -596,7 +595,6 @@ def fit(
     _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
-    setup = _compiled_setup(family, cfg.optimizer, target.dim, dtype, None)
     if tol is None and not progress:
         program = _compiled_fixed(cfg, None, target.dim, dtype, num_elbo_samples)
         params, info, losses, estimate, posterior = program(
@@ -604,6 +602,7 @@ def fit(
         step, status, bad_step = (int(x) for x in jax.device_get(info))
         chunks, final = [losses], None
         if status == NONFINITE:  # rolled back to the start: rebuild that state to replay
+            setup = _compiled_setup(family, cfg.optimizer, target.dim, dtype, None)
             state, k_run, k_final = setup(key, init_params)
             state = state._replace(bad_step=np.asarray(bad_step, np.int32))
     else:
@@ -618,10 +617,7 @@ def fit(
     if status == NONFINITE and bad_step > step:
         state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr)
         params, step = state.params, int(state.step)
-        final, _ = _executable(
-            _compiled_final(family, num_elbo_samples, False),
-            ("final", family, num_elbo_samples, False), k_final, params, target,
-        )
+        final = _final_executable(family, num_elbo_samples, False, k_final, params, target)
     message = _message(status, step, bad_step, cap)
     if status == NONFINITE:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
