@@ -173,6 +173,68 @@ def test_second_fit_of_the_same_shapes_does_not_recompile():
         assert len(traces) > n_before, kw
 
 
+def _lowered_window(family, n, d):
+    """The lowered until-converged window of a logistic regression with n rows, d features."""
+    x = jax.random.normal(jax.random.key(0), (n, d))
+    y = (jax.random.uniform(jax.random.key(1), (n,)) < 0.5).astype(x.dtype)
+    target = vi.Target.from_log_density(
+        lambda z, x, y: jnp.sum(y * (x @ z) - jnp.logaddexp(0.0, x @ z)) - 0.5 * z @ z, d,
+        data=(x, y),
+    )
+    _, cfg, cap, _ = fit_module._configure(family, "elbo", None, None, None, 1e-3, False,
+                                           vi.StoppingRule(), 20_000)
+    dtype = fit_module._dtype()
+    tol, cap = fit_module._scalars(1e-3, cap, dtype)
+    setup = fit_module._compiled_setup(cfg.family, cfg.optimizer, d, dtype, None)
+    state, key, _ = setup(jax.random.key(2), None)
+    args = (state, key, target, tol, cap)
+    return fit_module._compiled_window(cfg, False).lower(*args), args
+
+
+class _SpyLowered:
+    """Records the compiler options a Lowered is compiled with (without compiling)."""
+
+    def __init__(self, lowered):
+        self.lowered, self.options = lowered, []
+
+    def cost_analysis(self):
+        return self.lowered.cost_analysis()
+
+    def compile(self, compiler_options=None):
+        self.options.append(compiler_options)
+
+
+def test_fast_compilation_computes_the_same_window():
+    # The cheap-to-compile settings (LLVM -O1, classic emitters) are another code generator for
+    # the same program: ten windows (2,000 steps) from the same state must agree.
+    lowered, args = _lowered_window("fullrank", 200, 4)
+    fast = fit_module._compile(lowered, "fast")
+    full = fit_module._compile(lowered, "full")
+    s_fast, s_full = args[0], args[0]
+    for _ in range(10):
+        s_fast, l_fast = fast(s_fast, *args[1:])
+        s_full, l_full = full(s_full, *args[1:])
+        np.testing.assert_allclose(l_fast, l_full, rtol=1e-3, atol=1e-3)
+    assert int(s_fast.step) == int(s_full.step) == 2000
+    for a, b in zip(jax.tree_util.tree_leaves(s_fast.params),
+                    jax.tree_util.tree_leaves(s_full.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_effort_follows_the_window_flop_count(monkeypatch):
+    small = _SpyLowered(_lowered_window("fullrank", 500, 20)[0])  # ~85k flops per window
+    big = _SpyLowered(_lowered_window("fullrank", 2000, 100)[0])  # ~1.4M
+    fit_module._compile(small, "auto")
+    fit_module._compile(big, "auto")
+    assert small.options == [fit_module._FAST_COMPILE]
+    assert big.options == [None]
+    # An XLA that does not know the fast options compiles with its defaults instead.
+    lowered, args = _lowered_window("meanfield", 50, 2)
+    monkeypatch.setattr(fit_module, "_FAST_COMPILE", {"xla_no_such_option_for_vi": True})
+    state, _ = fit_module._compile(lowered, "fast")(*args)
+    assert int(state.step) == 200
+
+
 @pytest.mark.parametrize("fixed_steps", [False, True], ids=["until-converged", "fixed-steps"])
 def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
     # Finite only for z[0] < 2: the fit walks towards the mode at 3 and must stop cleanly.
