@@ -15,6 +15,7 @@ import vi_engine as vi
 from vi_engine import exact
 
 fit_module = importlib.import_module("vi_engine.fit")
+compile_module = importlib.import_module("vi_engine._compile")
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +209,8 @@ def test_fast_compilation_computes_the_same_window():
     # The cheap-to-compile settings (LLVM -O1, classic emitters) are another code generator for
     # the same program: ten windows (2,000 steps) from the same state must agree.
     lowered, args = _lowered_window("fullrank", 200, 4)
-    fast = fit_module._compile(lowered, "fast")
-    full = fit_module._compile(lowered, "full")
+    fast = compile_module.compile_lowered(lowered, "fast")
+    full = compile_module.compile_lowered(lowered, "full")
     s_fast, s_full = args[0], args[0]
     for _ in range(10):
         s_fast, l_fast = fast(s_fast, *args[1:])
@@ -217,21 +218,21 @@ def test_fast_compilation_computes_the_same_window():
         np.testing.assert_allclose(l_fast, l_full, rtol=1e-3, atol=1e-3)
     assert int(s_fast.step) == int(s_full.step) == 2000
     for a, b in zip(jax.tree_util.tree_leaves(s_fast.params),
-                    jax.tree_util.tree_leaves(s_full.params)):
+                    jax.tree_util.tree_leaves(s_full.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_compile_effort_follows_the_window_flop_count(monkeypatch):
     small = _SpyLowered(_lowered_window("fullrank", 500, 20)[0])  # ~85k flops per window
     big = _SpyLowered(_lowered_window("fullrank", 2000, 100)[0])  # ~1.4M
-    fit_module._compile(small, "auto")
-    fit_module._compile(big, "auto")
-    assert small.options == [fit_module._FAST_COMPILE]
+    compile_module.compile_lowered(small, "auto")
+    compile_module.compile_lowered(big, "auto")
+    assert small.options == [compile_module.FAST_OPTIONS]
     assert big.options == [None]
     # An XLA that does not know the fast options compiles with its defaults instead.
     lowered, args = _lowered_window("meanfield", 50, 2)
-    monkeypatch.setattr(fit_module, "_FAST_COMPILE", {"xla_no_such_option_for_vi": True})
-    state, _ = fit_module._compile(lowered, "fast")(*args)
+    monkeypatch.setattr(compile_module, "FAST_OPTIONS", {"xla_no_such_option_for_vi": True})
+    state, _ = compile_module.compile_lowered(lowered, "fast")(*args)
     assert int(state.step) == 200
 
 

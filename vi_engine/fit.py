@@ -27,7 +27,8 @@ ops each compile a small program: they had cost 3 s of a 5.4 s first fit). With 
 and no progress bar the whole fit (setup, steps, final ELBO) is ONE executable, which is what
 ``fit_many`` and short fixed-step fits want. Until convergence, three executables (setup, window,
 final ELBO) are compiled ahead of time and cached by signature, the final one on a worker thread
-while the optimization runs.
+while the optimization runs; the setup, the final ELBO and windows of cheap steps with less compile
+effort (``vi_engine/_compile.py``: 1.0 s instead of 2.2 s for a linear regression's window).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from vi_engine._compile import compile_lowered
 from vi_engine.families import Family, get_family
 from vi_engine.objectives import Estimate, elbo, get_objective
 
@@ -357,36 +359,6 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype, num_elbo_samples):
 _EXECUTABLES: dict = {}
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vi-compile")
 
-# Compile effort. On CPU a first fit of a small problem is almost all compilation (Bayesian
-# linear regression, N=500, d=20, full-rank: window compile 2.0-2.5 s, the 4,200 steps 0.1 s).
-# Programs that run once (setup, final ELBO) and windows whose step is cheap are compiled with
-# LLVM at -O1 and XLA's classic elemental emitters instead of the MLIR fusion emitters. Measured
-# (interleaved, medians of 20): that window compiled in 1.0 s instead of 2.2 s, at 36 instead of
-# 23 us/step; mean-field and N=10^4 logistic regressions ran at the same speed either way, but a
-# full-rank d=100 step was 2.4x slower (412 vs 174 us), hence the threshold on XLA's own flop
-# count of the window. Deterministic: the choice depends only on the lowered program.
-_FAST_COMPILE = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
-_FAST_COMPILE_MAX_FLOPS = 250_000  # per window, as counted by XLA (the scan body once)
-
-
-def _compile(lowered, effort):
-    """Compile ``lowered``; ``effort`` is ``"fast"``, ``"full"`` or ``"auto"`` (by flop count).
-
-    The fast settings are used on CPU only (not measured elsewhere), and only if this XLA knows
-    them (they are debug options: an XLA without them compiles with its defaults).
-    """
-    if effort == "auto":
-        flops = (lowered.cost_analysis() or {}).get("flops", math.inf)
-        effort = "fast" if flops <= _FAST_COMPILE_MAX_FLOPS else "full"
-    if effort == "fast" and jax.default_backend() == "cpu":
-        try:
-            return lowered.compile(compiler_options=_FAST_COMPILE)
-        except jax.errors.JaxRuntimeError as err:
-            if "option" not in str(err):
-                raise
-    return lowered.compile()
-
-
 def _signature(tag, args):
     leaves, treedef = jax.tree_util.tree_flatten(args)
     # Settings that change the compiled program without changing any input's dtype or shape.
@@ -406,7 +378,7 @@ def _executable(jitted, tag, *args, effort="fast", compile_there=False):
     """A future of ``jitted`` compiled for the shapes of ``args``, cached by signature.
 
     Tracing and lowering happen in this thread (see ``_EXECUTABLES``); with ``compile_there``
-    the compilation runs on the worker thread. ``effort``: see ``_compile``.
+    the compilation runs on the worker thread. ``effort``: see ``_compile.compile_lowered``.
     """
     sig = _signature(tag, args)
     hit = _EXECUTABLES.get(sig)
@@ -417,10 +389,10 @@ def _executable(jitted, tag, *args, effort="fast", compile_there=False):
             _EXECUTABLES.clear()
         lowered = jitted.lower(*args)
         if compile_there:
-            future = _COMPILER.submit(_compile, lowered, effort)
+            future = _COMPILER.submit(compile_lowered, lowered, effort)
         else:
             future = concurrent.futures.Future()
-            future.set_result(_compile(lowered, effort))
+            future.set_result(compile_lowered(lowered, effort))
         hit = _EXECUTABLES[sig] = future
     return hit
 
