@@ -174,6 +174,21 @@ def test_second_fit_of_the_same_shapes_does_not_recompile():
         assert len(traces) > n_before, kw
 
 
+@pytest.mark.parametrize("family", ["fullrank", "lowrank"])
+def test_posterior_covariance_comes_precomputed(gauss3, family):
+    # Computed inside the final compiled program (an eager first access compiles a program), and
+    # equal to numpyro's own formula.
+    for kw in (dict(tol=None, num_steps=50), dict(num_steps=400)):
+        post = vi.fit(gauss3.target, family, key=jax.random.key(0), progress=False,
+                      **kw).posterior
+        assert "covariance_matrix" in vars(post), kw
+        if family == "fullrank":
+            want = post.scale_tril @ post.scale_tril.T
+        else:
+            want = post.cov_factor @ post.cov_factor.T + jnp.diag(post.cov_diag)
+        np.testing.assert_allclose(post.covariance_matrix, want, rtol=1e-5, atol=1e-6)
+
+
 def _lowered_window(family, n, d):
     """The lowered until-converged window of a logistic regression with n rows, d features."""
     x = jax.random.normal(jax.random.key(0), (n, d))
@@ -205,33 +220,36 @@ class _SpyLowered:
         self.options.append(compiler_options)
 
 
-def test_fast_compilation_computes_the_same_window():
-    # The cheap-to-compile settings (LLVM -O1, classic emitters) are another code generator for
+def test_cheaper_compilation_computes_the_same_window():
+    # The cheaper compile settings (LLVM -O1 or -O0, classic emitters) are other code generators for
     # the same program: ten windows (2,000 steps) from the same state must agree.
     lowered, args = _lowered_window("fullrank", 200, 4)
     fast = compile_module.compile_lowered(lowered, "fast")
     full = compile_module.compile_lowered(lowered, "full")
-    s_fast, s_full = args[0], args[0]
+    minimal = compile_module.compile_lowered(lowered, "minimal")
+    states = [args[0]] * 3
     for _ in range(10):
-        s_fast, l_fast = fast(s_fast, *args[1:])
-        s_full, l_full = full(s_full, *args[1:])
-        np.testing.assert_allclose(l_fast, l_full, rtol=1e-3, atol=1e-3)
-    assert int(s_fast.step) == int(s_full.step) == 2000
-    for a, b in zip(jax.tree_util.tree_leaves(s_fast.params),
-                    jax.tree_util.tree_leaves(s_full.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+        outs = [f(s, *args[1:]) for f, s in zip((full, fast, minimal), states, strict=True)]
+        states = [s for s, _ in outs]
+        for _, losses in outs[1:]:
+            np.testing.assert_allclose(losses, outs[0][1], rtol=1e-3, atol=1e-3)
+    assert [int(s.step) for s in states] == [2000] * 3
+    for s in states[1:]:
+        for a, b in zip(jax.tree_util.tree_leaves(s.params),
+                        jax.tree_util.tree_leaves(states[0].params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_compile_effort_follows_the_window_flop_count(monkeypatch):
     small = _SpyLowered(_lowered_window("fullrank", 500, 20)[0])  # ~85k flops per window
     big = _SpyLowered(_lowered_window("fullrank", 2000, 100)[0])  # ~1.4M
-    compile_module.compile_lowered(small, "auto")
-    compile_module.compile_lowered(big, "auto")
-    assert small.options == [compile_module.FAST_OPTIONS]
+    compile_module.compile_lowered(small, compile_module.WINDOW)
+    compile_module.compile_lowered(big, compile_module.WINDOW)
+    assert small.options == [compile_module.OPTIONS["fast"]]
     assert big.options == [None]
     # An XLA that does not know the fast options compiles with its defaults instead.
     lowered, args = _lowered_window("meanfield", 50, 2)
-    monkeypatch.setattr(compile_module, "FAST_OPTIONS", {"xla_no_such_option_for_vi": True})
+    monkeypatch.setitem(compile_module.OPTIONS, "fast", {"xla_no_such_option_for_vi": True})
     state, _ = compile_module.compile_lowered(lowered, "fast")(*args)
     assert int(state.step) == 200
 

@@ -1,16 +1,19 @@
 """How hard XLA works at compiling a program: by how much the program will run.
 
 On CPU a first fit of a small problem is almost all compilation (Bayesian linear regression,
-N=500, d=20, full-rank: window compile 2.0-2.5 s with XLA's defaults, the 4,200 steps 0.1 s).
-Programs that run once (the fit's setup and final ELBO) and fit windows
-whose step is cheap are compiled with LLVM at -O1 and XLA's classic elemental emitters instead of
-the MLIR fusion emitters.
+N=500, d=20, full-rank: window compile 2.0-2.5 s with XLA's defaults, the 4,200 steps 0.1 s). So:
 
-Measured on 2 CPU cores (interleaved runs, medians of 20): that window compiled in 1.0 s instead
-of 2.2 s, at 36 instead of 23 us/step; mean-field and N=10^4 logistic regressions ran at the same
-speed either way, but a full-rank d=100 step was 2.4x slower (412 vs 174 us), hence the threshold
-on XLA's own flop count. LLVM -O0 compiled faster still (0.5 s) but ran 4x slower (106 us/step).
-The choice depends only on the lowered program, so a fit is as reproducible as before.
+- ``"minimal"`` (LLVM -O0, XLA's classic elemental emitters instead of the MLIR fusion emitters)
+  for programs that run once: the fit's setup and its final ELBO. That final ELBO (1000 draws)
+  compiled in 0.15-0.28 s instead of 0.32-0.35 s at ``"fast"``, and ran in 10-20 ms either way.
+- ``"fast"`` (LLVM -O1, classic emitters) for fit windows of cheap steps. Measured on 2 cores
+  (interleaved runs, medians of 20): that window compiled in 1.0 s instead of 2.2 s, at 36
+  instead of 23 us/step; mean-field and N=10^4 logistic regressions ran at the same speed either
+  way, but a full-rank d=100 step was 2.4x slower (412 vs 174 us): hence a limit on XLA's own
+  flop count. ``"minimal"`` compiled that window in 0.5 s but ran it 4x slower (106 us/step).
+- ``"full"``: XLA's defaults.
+
+The choice depends only on the lowered program, so fits stay reproducible.
 """
 
 from __future__ import annotations
@@ -19,30 +22,38 @@ import math
 
 import jax
 
-FAST_OPTIONS = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
-# Flops per call as XLA counts them (a scan body once): the fit window of that linear regression
-# is ~85k; the full-rank d=100 and N=10^4 logistic windows are 1.0M-1.4M.
-FAST_MAX_FLOPS = 250_000
+OPTIONS = {
+    "minimal": {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+    "fast": {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False},
+    "full": None,
+}
+# (effort, up to this many flops per call as XLA counts them: a scan body once). The window of
+# that linear regression is ~85k flops, the full-rank d=100 and N=10^4 logistic windows 1.0-1.4M;
+# its final ELBO is 6M flops, 1.1e8 at N=10^4.
+WINDOW = (("fast", 250_000), ("full", math.inf))
+ONCE = (("minimal", 1e9), ("fast", math.inf))
 
 
-def compile_lowered(lowered, effort: str = "auto"):
-    """Compile a ``jax.stages.Lowered``; ``effort`` is ``"fast"``, ``"full"`` or ``"auto"``.
+def compile_lowered(lowered, effort="full"):
+    """Compile a ``jax.stages.Lowered`` with the compile effort ``effort``.
 
-    ``"auto"`` is fast when XLA's cost analysis counts at most ``FAST_MAX_FLOPS``. The fast
-    settings apply on CPU only (not measured elsewhere), and only if this XLA knows them (they are
-    debug options: an XLA without them compiles with its defaults).
+    ``effort``: ``"minimal"``, ``"fast"`` or ``"full"``, or tiers ``((effort, max_flops), ...)``:
+    the first tier whose limit covers XLA's flop count of the program. The cheaper settings
+    apply on CPU only (not measured elsewhere), and only if this XLA knows them (they are debug
+    options: an XLA without them compiles with its defaults).
 
     >>> import jax, jax.numpy as jnp
-    >>> f = compile_lowered(jax.jit(jnp.sin).lower(jnp.zeros(3)), "fast")
+    >>> f = compile_lowered(jax.jit(jnp.sin).lower(jnp.zeros(3)), WINDOW)
     >>> f(jnp.zeros(3)).shape
     (3,)
     """
-    if effort == "auto":
+    if not isinstance(effort, str):
         flops = (lowered.cost_analysis() or {}).get("flops", math.inf)
-        effort = "fast" if flops <= FAST_MAX_FLOPS else "full"
-    if effort == "fast" and jax.default_backend() == "cpu":
+        effort = next(e for e, limit in effort if flops <= limit)
+    options = OPTIONS[effort] if jax.default_backend() == "cpu" else None
+    if options is not None:
         try:
-            return lowered.compile(compiler_options=FAST_OPTIONS)
+            return lowered.compile(compiler_options=options)
         except jax.errors.JaxRuntimeError as err:
             if "option" not in str(err):
                 raise

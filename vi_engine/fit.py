@@ -27,8 +27,9 @@ ops each compile a small program: they had cost 3 s of a 5.4 s first fit). With 
 and no progress bar the whole fit (setup, steps, final ELBO) is ONE executable, which is what
 ``fit_many`` and short fixed-step fits want. Until convergence, three executables (setup, window,
 final ELBO) are compiled ahead of time and cached by signature, the final one on a worker thread
-while the optimization runs; the setup, the final ELBO and windows of cheap steps with less compile
-effort (``vi_engine/_compile.py``: 1.0 s instead of 2.2 s for a linear regression's window).
+while the optimization runs. The compile effort follows how much a program will run
+(``vi_engine/_compile.py``): least for the setup and the final ELBO, less for windows of cheap
+steps (a linear regression's window: 1.0 s instead of 2.2 s).
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpyro.distributions.util import lazy_property
 from tqdm.auto import tqdm
 
-from vi_engine._compile import compile_lowered
+from vi_engine import _compile
 from vi_engine.families import Family, get_family
 from vi_engine.objectives import Estimate, elbo, get_objective
 
@@ -241,9 +243,11 @@ def _make_window(cfg: _Config, skip_when_done: bool = True):
 
 def _plateau_update(state, losses, count, tol, rule, window):
     dtype = state.lr_scale.dtype
-    full = count == window  # judge only complete windows of a running fit
-    mean = jnp.nanmean(losses)
-    stderr = jnp.nanstd(losses) / jnp.sqrt(jnp.maximum(count, 1).astype(dtype))
+    # Judge only complete windows of a running fit. Their losses are all finite (a window with a
+    # non-finite loss is rolled back), so no NaN-aware statistics are needed.
+    full = count == window
+    mean = jnp.mean(losses)
+    stderr = jnp.std(losses) / math.sqrt(window)
     threshold = jnp.maximum(tol, rule.z * stderr)
     improved = (state.best - mean) > threshold
     patience = jnp.where(improved, 0, state.patience + 1)
@@ -297,23 +301,48 @@ def _setup_fn(family, optimizer, dim, dtype, batch):
 
 
 def _final_fn(family, num_samples, batched):
-    """``final(key, params, target) -> (Estimate, posterior)``, uncompiled.
+    """``final(key, params, target) -> (Estimate, posterior parts)``, uncompiled.
 
     The posterior distribution is built inside the compiled code too: numpyro distributions are
     pytrees, and building a ``MultivariateNormal`` eagerly (with numpyro's argument validation,
     on by default) ran ~40 small ops, each compiled on first use: 2.4 s of a 5.4 s first fit.
+    ``_posterior`` assembles the parts.
     """
 
     def one(key, params, target):
         return elbo(key, family, params, target, num_samples)
 
     def final(key, params, target):
+        posterior = family.to_distribution(params)
+        parts = posterior, _lazy_moments(posterior)
         if num_samples == 0:  # the caller asked for no final estimate
-            return None, family.to_distribution(params)
+            return None, parts
         estimate = (jax.vmap(one) if batched else one)(key, params, target)
-        return estimate, family.to_distribution(params)
+        return estimate, parts
 
     return final
+
+
+# numpyro computes these on first access, eagerly: for a full-rank posterior the covariance
+# was one more small program to compile (0.1 s, measured). Computed with the final ELBO instead.
+_PRECOMPUTED = ("covariance_matrix", "variance")
+
+
+def _lazy_moments(posterior):
+    cls = type(posterior)
+    return {
+        name: getattr(posterior, name)
+        for name in _PRECOMPUTED
+        if isinstance(getattr(cls, name, None), lazy_property)
+    }
+
+
+def _posterior(parts):
+    """The posterior from ``(distribution, precomputed lazy moments)``."""
+    posterior, moments = parts
+    for name, value in moments.items():
+        setattr(posterior, name, value)  # how numpyro's lazy_property caches a value
+    return posterior
 
 
 @functools.lru_cache(maxsize=64)
@@ -340,24 +369,25 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype, num_elbo_samples):
     def program(key, target, init_params, tol, max_steps):
         state, k_run, k_final = setup(key, init_params)
         state, losses = run(state, k_run, target, tol, max_steps)
-        estimate, posterior = final(k_final, state.params, target)
+        estimate, parts = final(k_final, state.params, target)
         # Only what the result needs: every output buffer costs dispatch time on each call.
         # (A rolled-back run restarts from the setup state, which ``fit`` can rebuild.)
         info = (state.step, state.status, state.bad_step)
-        return state.params, info, losses, estimate, posterior
+        return state.params, info, losses, estimate, parts
 
     return jax.jit(program)
 
 
 # Ahead-of-time compiled executables, by signature. On the path that runs until convergence,
-# three programs are needed: the setup and the window are compiled here, one after the other,
-# and the final ELBO on a worker thread once the window is compiled, so that it overlaps the
-# optimization itself. Measured on 2 cores: compiling all three at once is slower (XLA's
-# compiler already keeps both cores busy: the window took 2.7 s instead of 1.7 s). Tracing and
-# lowering always happen on the calling thread: JAX's context managers (enable_x64, matmul
-# precision, ...) are thread-local, and numpyro's handler stack is a global list.
+# three programs are needed: the setup is compiled here; the window and then the final ELBO on
+# one worker thread, in that order, while this thread lowers the final ELBO and then runs the
+# windows. Measured on 2 cores: compiling them concurrently is slower (XLA's compiler already
+# keeps both cores busy: the window took 2.7 s instead of 1.7 s). Tracing and lowering always
+# happen on the calling thread: JAX's context managers (enable_x64, matmul precision, ...) are
+# thread-local, and numpyro's handler stack is a global list.
 _EXECUTABLES: dict = {}
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vi-compile")
+
 
 def _signature(tag, args):
     leaves, treedef = jax.tree_util.tree_flatten(args)
@@ -374,7 +404,7 @@ def _signature(tag, args):
     )
 
 
-def _executable(jitted, tag, *args, effort="fast", compile_there=False):
+def _executable(jitted, tag, *args, effort, compile_there=False):
     """A future of ``jitted`` compiled for the shapes of ``args``, cached by signature.
 
     Tracing and lowering happen in this thread (see ``_EXECUTABLES``); with ``compile_there``
@@ -389,10 +419,10 @@ def _executable(jitted, tag, *args, effort="fast", compile_there=False):
             _EXECUTABLES.clear()
         lowered = jitted.lower(*args)
         if compile_there:
-            future = _COMPILER.submit(compile_lowered, lowered, effort)
+            future = _COMPILER.submit(_compile.compile_lowered, lowered, effort)
         else:
             future = concurrent.futures.Future()
-            future.set_result(compile_lowered(lowered, effort))
+            future.set_result(_compile.compile_lowered(lowered, effort))
         hit = _EXECUTABLES[sig] = future
     return hit
 
@@ -401,7 +431,7 @@ def _final_executable(family, num_samples, batched, key, params, target, compile
     """A future of the compiled final function (ELBO estimate and posterior)."""
     return _executable(
         _compiled_final(family, num_samples, batched), ("final", family, num_samples, batched),
-        key, params, target, compile_there=compile_there,
+        key, params, target, effort=_compile.ONCE, compile_there=compile_there,
     )
 
 
@@ -420,12 +450,15 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
     setup = _executable(
         _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch),
         ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
+        effort="minimal",
     )
     state, k_run, k_final = setup.result()(key, init_params)
     batched = batch is not None
+    # The worker compiles the window, then the final function, which this thread lowers
+    # meanwhile.
     window = _executable(
         _compiled_window(cfg, batched), ("window", cfg, batched),
-        state, k_run, target, tol_arr, cap_arr, effort="auto",
+        state, k_run, target, tol_arr, cap_arr, effort=_compile.WINDOW, compile_there=True,
     )
     final = _final_executable(cfg.family, num_elbo_samples, batched, k_final, state.params,
                               target, compile_there=True)
@@ -598,7 +631,7 @@ def fit(
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     if tol is None and not progress:
         program = _compiled_fixed(cfg, None, target.dim, dtype, num_elbo_samples)
-        params, info, losses, estimate, posterior = program(
+        params, info, losses, estimate, parts = program(
             key, target, init_params, tol_arr, cap_arr)
         step, status, bad_step = (int(x) for x in jax.device_get(info))
         chunks, final = [losses], None
@@ -623,9 +656,9 @@ def fit(
     if status == NONFINITE:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
     if final is not None:
-        estimate, posterior = final.result()(k_final, params, target)
+        estimate, parts = final.result()(k_final, params, target)
     return FitResult(
-        posterior=posterior,
+        posterior=_posterior(parts),
         params=params,
         losses=_join(chunks, step),
         elbo=estimate,
@@ -778,7 +811,7 @@ def fit_many(
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     if tol is None and not progress:
         program = _compiled_fixed(cfg, B, targets.dim, dtype, num_elbo_samples)
-        params, info, losses, estimate, posterior = program(key, targets, None, tol_arr, cap_arr)
+        params, info, losses, estimate, parts = program(key, targets, None, tol_arr, cap_arr)
         steps, status, _ = jax.device_get(info)
         chunks, final = [losses], None
     else:
@@ -802,9 +835,9 @@ def fit_many(
         )
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
     if final is not None:
-        estimate, posterior = final.result()(k_final, params, targets)
+        estimate, parts = final.result()(k_final, params, targets)
     return FitResult(
-        posterior=posterior,
+        posterior=_posterior(parts),
         params=params,
         losses=_join(chunks, int(steps.max())),
         elbo=estimate,
