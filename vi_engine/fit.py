@@ -230,7 +230,9 @@ def _make_window(cfg: _Config, skip_when_done: bool = True):
             status=jnp.asarray(NONFINITE, jnp.int32),
             bad_step=start.step + first_bad,
         )
-        return _tree_where(finite, state, rolled_back), losses
+        # A cond, not a select per state leaf: 14 fewer kernels to compile (73 -> 59 fusions for a
+        # full-rank window). Under vmap (fit_many) it becomes the selects again.
+        return jax.lax.cond(finite, lambda: state, lambda: rolled_back), losses
 
     def skip(state, key, target, tol, max_steps):
         return state, jnp.full((cfg.window,), jnp.nan, state.lr_scale.dtype)
