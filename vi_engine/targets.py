@@ -30,6 +30,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import constrain_fn, potential_energy
 
+from vi_engine._compile import compile_lowered
+
 __all__ = ["Target", "Site"]
 
 
@@ -468,8 +470,14 @@ def _check_test_point(target: Target, what: str) -> None:
     # numpy for the test point and the checks, jit for the density: one compilation (cached per
     # function and shapes) instead of one per eager op (~0.1 s saved on a first target).
     z0 = np.zeros((target.dim,), _float_dtype(target.data))
-    value = jax.jit(target._fn)(z0, *target.data)
-    _check_value(target, value, what)
+    args = (z0, *target.data)
+    traced = jax.jit(target._fn).trace(*args)
+    if len(traced.jaxpr.jaxpr.invars) != len(jax.tree_util.tree_leaves(args)) or any(
+        _is_tracer(x) for x in jax.tree_util.tree_leaves(target.data)
+    ):
+        return  # built under jit/vmap (traced data, or a closure over traced values): skip
+    # It runs once: compiled for compile speed (0.06 instead of 0.10-0.16 s, measured).
+    _check_value(target, compile_lowered(traced.lower(), "minimal")(*args), what)
 
 
 def _check_value(target: Target, value, what: str) -> None:
