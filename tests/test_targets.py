@@ -64,6 +64,16 @@ def test_data_leaves_vmap_and_construction_under_jit():
 
     np.testing.assert_allclose(f(jnp.ones(2), jnp.zeros(2)), -1.0)
 
+    # A density that closes over a traced value (no data): the test-point check is skipped
+    # there, not an error, and the target works.
+    @jax.jit
+    def g(mu, z):
+        return Target.from_log_density(lambda x: -0.5 * jnp.sum((x - mu) ** 2), 2)(z)
+
+    np.testing.assert_allclose(g(jnp.ones(2), jnp.zeros(2)), -1.0)
+    np.testing.assert_allclose(jax.vmap(g, (0, None))(mus, jnp.zeros(2)),
+                               [-0.5 * np.sum(m**2) for m in np.asarray(mus)])
+
 
 def test_pytree_static_equality_and_no_recompile():
     t1 = Target.from_log_density(shifted, 2, data=(jnp.zeros(2),))
