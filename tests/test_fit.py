@@ -175,18 +175,19 @@ def test_second_fit_of_the_same_shapes_does_not_recompile():
 
 
 @pytest.mark.parametrize("family", ["fullrank", "lowrank"])
-def test_posterior_covariance_comes_precomputed(gauss3, family):
-    # Computed inside the final compiled program (an eager first access compiles a program), and
-    # equal to numpyro's own formula.
+def test_posterior_covariance_comes_precomputed_for_full_rank_only(gauss3, family):
+    # Full-rank: computed inside the final compiled program (an eager first access compiles a
+    # program), equal to numpyro's own formula. Low-rank: left lazy (O(d^2) memory otherwise).
     for kw in (dict(tol=None, num_steps=50), dict(num_steps=400)):
         post = vi.fit(gauss3.target, family, key=jax.random.key(0), progress=False,
                       **kw).posterior
-        assert "covariance_matrix" in vars(post), kw
+        assert ("covariance_matrix" in vars(post)) == (family == "fullrank"), kw
         if family == "fullrank":
             want = post.scale_tril @ post.scale_tril.T
         else:
             want = post.cov_factor @ post.cov_factor.T + jnp.diag(post.cov_diag)
         np.testing.assert_allclose(post.covariance_matrix, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(post.variance, jnp.diag(want), rtol=1e-5, atol=1e-6)
 
 
 def _lowered_window(family, n, d):
@@ -297,6 +298,22 @@ def test_fit_many_matches_each_exact_posterior():
         post = exact.linear_regression(X[i], y[i]).posterior
         q_i = dist.MultivariateNormal(res.posterior.loc[i], scale_tril=res.posterior.scale_tril[i])
         assert kl_divergence(q_i, post) < 2e-3
+
+
+def test_fit_many_stops_only_the_problems_that_hit_a_nan():
+    # Finite only for z[0] < limit, mode at 3: problems 0 and 2 walk into the NaN region.
+    def make(limit):
+        return vi.Target.from_log_density(
+            lambda z, lim: jnp.where(z[0] < lim, -0.5 * jnp.sum((z - 3.0) ** 2), jnp.nan), 2,
+            data=(limit,),
+        )
+
+    with pytest.warns(RuntimeWarning, match=r"problems \[0, 2\]"):
+        res = vi.fit_many(make, jnp.array([2.0, 10.0, 2.5]), family="meanfield",
+                          key=jax.random.key(3), progress=False)
+    assert res.status.tolist() == ["nonfinite", "converged", "nonfinite"]
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(res.params))
+    np.testing.assert_allclose(res.posterior.mean[1], [3.0, 3.0], atol=0.05)
 
 
 def test_fit_many_rejects_mismatched_batches():
