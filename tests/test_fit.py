@@ -300,7 +300,8 @@ def test_fit_many_matches_each_exact_posterior():
         assert kl_divergence(q_i, post) < 2e-3
 
 
-def test_fit_many_stops_only_the_problems_that_hit_a_nan():
+@pytest.mark.parametrize("fixed_steps", [False, True], ids=["until-converged", "fixed-steps"])
+def test_fit_many_stops_only_the_problems_that_hit_a_nan(fixed_steps):
     # Finite only for z[0] < limit, mode at 3: problems 0 and 2 walk into the NaN region.
     def make(limit):
         return vi.Target.from_log_density(
@@ -308,12 +309,20 @@ def test_fit_many_stops_only_the_problems_that_hit_a_nan():
             data=(limit,),
         )
 
+    kw = dict(tol=None, num_steps=3000) if fixed_steps else {}
     with pytest.warns(RuntimeWarning, match=r"problems \[0, 2\]"):
         res = vi.fit_many(make, jnp.array([2.0, 10.0, 2.5]), family="meanfield",
-                          key=jax.random.key(3), progress=False)
-    assert res.status.tolist() == ["nonfinite", "converged", "nonfinite"]
+                          key=jax.random.key(3), progress=False, **kw)
+    assert res.status.tolist() == ["nonfinite", "max_steps" if fixed_steps else "converged",
+                                   "nonfinite"]
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(res.params))
     np.testing.assert_allclose(res.posterior.mean[1], [3.0, 3.0], atol=0.05)
+    # The NaN problems keep the parameters of their last finite step (replayed), not of the
+    # start: they moved from 0 towards the mode, and their recorded losses are all finite.
+    assert res.num_steps[0] > 0 and res.num_steps[2] > 0
+    assert float(res.posterior.mean[0, 0]) > 1.0 and float(res.posterior.mean[2, 0]) > 1.0
+    for i in (0, 2):
+        assert bool(jnp.all(jnp.isfinite(res.losses[i, : res.num_steps[i]])))
 
 
 def test_fit_many_rejects_mismatched_batches():

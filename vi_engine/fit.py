@@ -17,9 +17,9 @@ removes most of the remaining jitter. The defaults were chosen by measurement on
 problems (see the README and ``benchmarks/``).
 
 NaN guard. A window whose losses or parameters are not finite is rolled back to its start and
-the fit stops with status ``"nonfinite"``; ``vi.fit`` then replays that window up to its first
-non-finite step, so it keeps the last finite parameters (``fit_many`` keeps those of the window's
-start), and the result says at which step and why.
+the fit stops with status ``"nonfinite"``; ``vi.fit`` (and ``vi.fit_many``, for each such
+problem) then replays that window up to its first non-finite step, so it keeps the last finite
+parameters, and the result says at which step and why.
 
 Compilation (what a first call costs, measured on 2 CPU cores). Nothing runs eagerly: keys are
 split, parameters initialized and the posterior distribution built inside compiled code (eager
@@ -271,10 +271,10 @@ def _plateau_update(state, losses, count, tol, rule, window):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_window(cfg: _Config, batched: bool):
+def _compiled_window(cfg: _Config, batched: bool, cap_per_problem: bool = False):
     fn = _make_window(cfg)
-    if batched:
-        fn = jax.vmap(fn, in_axes=(0, 0, 0, None, None))
+    if batched:  # a step cap per problem only for fit_many's NaN replay
+        fn = jax.vmap(fn, in_axes=(0, 0, 0, None, 0 if cap_per_problem else None))
     return jax.jit(fn)
 
 
@@ -761,6 +761,37 @@ def _replay_to_last_finite(cfg, state, key, target, tol_arr, fixed):
     )
 
 
+def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, bad_steps, fixed,
+                                params, steps):
+    """``fit_many``'s NaN replay: each problem in ``nonfinite`` re-runs its rolled-back window,
+    from ``start`` (its state at that window's start), up to its first non-finite step, as
+    ``_replay_to_last_finite`` does for one problem; the others keep ``params`` and ``steps``.
+    Returns ``(params, steps)``.
+    """
+    size = nonfinite.shape[0]
+    running = start._replace(done=np.zeros(size, bool),
+                             status=np.full(size, RUNNING, np.int32))
+    # The other problems take no step.
+    limit = np.where(nonfinite, bad_steps, np.asarray(start.step)).astype(np.int32)
+    if fixed:
+        effort = "full"
+    else:  # the effort the window got (lowering it again is a cache hit)
+        window = _compiled_window(cfg, True).lower(running, keys, targets, tol_arr, limit[0])
+        effort = _compile.choose(window, _compile.WINDOW)
+    masked = cfg._replace(mask_steps=True)
+    replay = _executable(
+        _compiled_window(masked, True, cap_per_problem=True), ("replay", masked, True),
+        running, keys, targets, tol_arr, limit, effort=effort,
+    ).result()
+    new, _ = replay(running, keys, targets, tol_arr, limit)
+    new_params, new_steps, params = jax.device_get((new.params, new.step, params))
+
+    def pick(a, b):
+        return jnp.asarray(np.where(nonfinite.reshape((size,) + (1,) * (a.ndim - 1)), a, b))
+
+    return jax.tree_util.tree_map(pick, new_params, params), np.where(nonfinite, new_steps, steps)
+
+
 def fit_many(
     make_target,
     *batched_args,
@@ -824,10 +855,11 @@ def fit_many(
     _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
-    if tol is None and not progress:
+    fixed = tol is None and not progress
+    if fixed:
         program = _compiled_fixed(cfg, B, targets.dim, dtype, num_elbo_samples)
         params, info, losses, estimate, parts = program(key, targets, None, tol_arr, cap_arr)
-        steps, status, _ = jax.device_get(info)
+        steps, status, bad_steps = jax.device_get(info)
         chunks, final = [losses], None
     else:
         started, window, final = _prepare(cfg, B, targets.dim, dtype, key, None, targets,
@@ -836,7 +868,15 @@ def fit_many(
         state, chunks = _drive(window, True, state, k_run, targets, tol_arr, cap_arr, per_sync,
                                progress, f"fit_many {family.name} x{B}")
         params = state.params
-        steps, status = jax.device_get((state.step, state.status))
+        steps, status, bad_steps = jax.device_get((state.step, state.status, state.bad_step))
+    nonfinite = status == NONFINITE
+    if nonfinite.any():
+        if fixed:  # rolled back to the setup state: rebuild it (same key, same state)
+            setup = _compiled_setup(family, cfg.optimizer, targets.dim, dtype, B)
+            state, k_run, k_final = setup(key, None)
+        params, steps = _replay_many_to_last_finite(cfg, state, k_run, targets, tol_arr,
+                                                    nonfinite, bad_steps, fixed, params, steps)
+        final = _final_executable(family, num_elbo_samples, True, k_final, params, targets)
     names = np.array([_STATUS_NAMES[int(s)] for s in status])
     bad = np.flatnonzero(status == NONFINITE)
     counts = {n: int((names == n).sum()) for n in _STATUS_NAMES.values() if (names == n).any()}
@@ -844,9 +884,9 @@ def fit_many(
     if bad.size:
         message += (
             f"; non-finite loss/gradient in problems {bad[:10].tolist()}"
-            f"{'...' if bad.size > 10 else ''} (their parameters are rolled back to the start "
-            "of the window where it happened: with tol=None and no progress bar, to the initial "
-            "parameters)"
+            f"{'...' if bad.size > 10 else ''} (their parameters are those of their last finite "
+            "step; num_steps says which). Hint: lower the step size (optimizer=...), or check the "
+            "targets' log density for overflow"
         )
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
     if final is not None:
