@@ -630,33 +630,20 @@ def fit(
     _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
-    if tol is None and not progress:
-        program = _compiled_fixed(cfg, None, target.dim, dtype, num_elbo_samples)
-        params, info, losses, estimate, parts = program(
-            key, target, init_params, tol_arr, cap_arr)
-        step, status, bad_step = (int(x) for x in jax.device_get(info))
-        chunks, final = [losses], None
-        if status == NONFINITE:  # rolled back to the start: rebuild that state to replay
-            setup = _compiled_setup(family, cfg.optimizer, target.dim, dtype, None)
-            state, k_run, k_final = setup(key, init_params)
-            state = state._replace(bad_step=np.asarray(bad_step, np.int32))
-    else:
-        started, window, final = _prepare(cfg, None, target.dim, dtype, key, init_params,
-                                          target, tol_arr, cap_arr, num_elbo_samples)
-        state, k_run, k_final = started
-        state, chunks = _drive(window, False, state, k_run, target, tol_arr, cap_arr, per_sync,
-                               progress, f"fit {family.name}")
-        params = state.params
-        step, status, bad_step = (
-            int(x) for x in jax.device_get((state.step, state.status, state.bad_step)))
+    run = _optimize(cfg, None, target.dim, dtype, key, init_params, target, tol_arr, cap_arr,
+                    per_sync, progress, f"fit {family.name}", num_elbo_samples,
+                    fixed=tol is None and not progress)
+    params, chunks, final, k_final = run.params, run.chunks, run.final, run.k_final
+    step, status, bad_step = (int(x) for x in run.info)
     if status == NONFINITE and bad_step > step:
-        state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr,
-                                       fixed=tol is None and not progress)
+        state, k_run, k_final = run.start()
+        state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr, bad_step, run.fixed)
         params, step = state.params, int(state.step)
         final = _final_executable(family, num_elbo_samples, False, k_final, params, target)
     message = _message(status, step, bad_step, cap)
     if status == NONFINITE:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
+    estimate, parts = run.estimate, run.parts
     if final is not None:
         estimate, parts = final.result()(k_final, params, target)
     return FitResult(
@@ -671,6 +658,49 @@ def fit(
         family=family,
         target=target,
     )
+
+
+class _Run(NamedTuple):
+    """What ``_optimize`` returns. ``info``: host ``(steps, status, bad_steps)``; ``estimate`` and
+    ``parts`` come from the single executable (``final`` and ``k_final`` are then None), else
+    ``final`` is the future of the compiled final function; ``start()`` gives the state, run key
+    and final key that a NaN replay starts from (on the single-executable path the setup state,
+    where its one rolled-back window starts)."""
+
+    params: Any
+    info: tuple
+    chunks: list
+    estimate: Any
+    parts: Any
+    final: Any
+    k_final: Any
+    start: Any
+    fixed: bool
+
+
+def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr, per_sync,
+              progress, desc, num_elbo_samples, fixed):
+    """The optimization shared by ``fit`` (``batch=None``) and ``fit_many``: with ``fixed``
+    (``tol=None``, no progress bar) one executable, else windows until every problem is done."""
+    if fixed:
+        program = _compiled_fixed(cfg, batch, dim, dtype, num_elbo_samples)
+        params, info, losses, estimate, parts = program(key, target, init_params, tol_arr,
+                                                        cap_arr)
+
+        def start():  # rolled back to the setup state: rebuild it (same key, same state)
+            return _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)(key,
+                                                                                  init_params)
+
+        return _Run(params, jax.device_get(info), [losses], estimate, parts, None, None,
+                    start, True)
+    started, window, final = _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr,
+                                      cap_arr, num_elbo_samples)
+    state, k_run, k_final = started
+    state, chunks = _drive(window, batch is not None, state, k_run, target, tol_arr, cap_arr,
+                           per_sync, progress, desc)
+    info = jax.device_get((state.step, state.status, state.bad_step))
+    return _Run(state.params, info, chunks, None, None, final, k_final,
+                lambda: (state, k_run, k_final), False)
 
 
 def _scalars(tol, cap, dtype):
@@ -733,7 +763,7 @@ def _drive(window, batched, state, key, target, tol_arr, cap_arr, per_sync, prog
     return state, chunks
 
 
-def _replay_to_last_finite(cfg, state, key, target, tol_arr, fixed):
+def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, fixed):
     """Re-run a rolled-back window up to (not including) its first non-finite step.
 
     Same keys, same start, same arithmetic compiled with the same effort as the window that
@@ -743,7 +773,7 @@ def _replay_to_last_finite(cfg, state, key, target, tol_arr, fixed):
     window's start. Should the replay meet a non-finite value earlier, it rolls back to the
     window's start like any window. Compiled only when a fit hits a NaN.
     """
-    bad = np.asarray(state.bad_step, np.int32)
+    bad = np.asarray(bad_step, np.int32)
     running = state._replace(done=np.asarray(False), status=np.asarray(RUNNING, np.int32))
     if fixed:
         effort = "full"
@@ -855,27 +885,16 @@ def fit_many(
     _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
-    fixed = tol is None and not progress
-    if fixed:
-        program = _compiled_fixed(cfg, B, targets.dim, dtype, num_elbo_samples)
-        params, info, losses, estimate, parts = program(key, targets, None, tol_arr, cap_arr)
-        steps, status, bad_steps = jax.device_get(info)
-        chunks, final = [losses], None
-    else:
-        started, window, final = _prepare(cfg, B, targets.dim, dtype, key, None, targets,
-                                          tol_arr, cap_arr, num_elbo_samples)
-        state, k_run, k_final = started
-        state, chunks = _drive(window, True, state, k_run, targets, tol_arr, cap_arr, per_sync,
-                               progress, f"fit_many {family.name} x{B}")
-        params = state.params
-        steps, status, bad_steps = jax.device_get((state.step, state.status, state.bad_step))
+    run = _optimize(cfg, B, targets.dim, dtype, key, None, targets, tol_arr, cap_arr, per_sync,
+                    progress, f"fit_many {family.name} x{B}", num_elbo_samples,
+                    fixed=tol is None and not progress)
+    params, chunks, final, k_final = run.params, run.chunks, run.final, run.k_final
+    steps, status, bad_steps = run.info
     nonfinite = status == NONFINITE
     if nonfinite.any():
-        if fixed:  # rolled back to the setup state: rebuild it (same key, same state)
-            setup = _compiled_setup(family, cfg.optimizer, targets.dim, dtype, B)
-            state, k_run, k_final = setup(key, None)
+        state, k_run, k_final = run.start()
         params, steps = _replay_many_to_last_finite(cfg, state, k_run, targets, tol_arr,
-                                                    nonfinite, bad_steps, fixed, params, steps)
+                                                    nonfinite, bad_steps, run.fixed, params, steps)
         final = _final_executable(family, num_elbo_samples, True, k_final, params, targets)
     names = np.array([_STATUS_NAMES[int(s)] for s in status])
     bad = np.flatnonzero(status == NONFINITE)
@@ -889,6 +908,7 @@ def fit_many(
             "targets' log density for overflow"
         )
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
+    estimate, parts = run.estimate, run.parts
     if final is not None:
         estimate, parts = final.result()(k_final, params, targets)
     return FitResult(
