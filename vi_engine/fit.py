@@ -273,9 +273,13 @@ def _plateau_update(state, losses, count, tol, rule, window):
 @functools.lru_cache(maxsize=64)
 def _compiled_window(cfg: _Config, batched: bool, cap_per_problem: bool = False):
     fn = _make_window(cfg)
-    if batched:  # a step cap per problem only for fit_many's NaN replay
-        fn = jax.vmap(fn, in_axes=(0, 0, 0, None, 0 if cap_per_problem else None))
-    return jax.jit(fn)
+    return jax.jit(_over_problems(fn, cap_per_problem) if batched else fn)
+
+
+def _over_problems(window, cap_per_problem=False):
+    """``window`` vmapped over problems (state, key, target); tol shared, and the step cap
+    shared too except in fit_many's NaN replay."""
+    return jax.vmap(window, in_axes=(0, 0, 0, None, 0 if cap_per_problem else None))
 
 
 def _setup_fn(family, optimizer, dim, dtype, batch):
@@ -361,7 +365,7 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype, num_elbo_samples):
     setup = _setup_fn(cfg.family, cfg.optimizer, dim, dtype, batch)
     run = _make_window(cfg, skip_when_done=False)
     if batch is not None:
-        run = jax.vmap(run, in_axes=(0, 0, 0, None, None))
+        run = _over_problems(run)
     final = _final_fn(cfg.family, num_elbo_samples, batch is not None)
 
     def program(key, target, init_params, tol, max_steps):
@@ -630,14 +634,14 @@ def fit(
     _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
+    fixed = tol is None and not progress
     run = _optimize(cfg, None, target.dim, dtype, key, init_params, target, tol_arr, cap_arr,
-                    per_sync, progress, f"fit {family.name}", num_elbo_samples,
-                    fixed=tol is None and not progress)
+                    per_sync, progress, f"fit {family.name}", num_elbo_samples, fixed)
     params, chunks, final, k_final = run.params, run.chunks, run.final, run.k_final
     step, status, bad_step = (int(x) for x in run.info)
     if status == NONFINITE and bad_step > step:
         state, k_run, k_final = run.start()
-        state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr, bad_step, run.fixed)
+        state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr, bad_step, fixed)
         params, step = state.params, int(state.step)
         final = _final_executable(family, num_elbo_samples, False, k_final, params, target)
     message = _message(status, step, bad_step, cap)
@@ -675,7 +679,6 @@ class _Run(NamedTuple):
     final: Any
     k_final: Any
     start: Any
-    fixed: bool
 
 
 def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr, per_sync,
@@ -691,8 +694,7 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
             return _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)(key,
                                                                                   init_params)
 
-        return _Run(params, jax.device_get(info), [losses], estimate, parts, None, None,
-                    start, True)
+        return _Run(params, jax.device_get(info), [losses], estimate, parts, None, None, start)
     started, window, final = _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr,
                                       cap_arr, num_elbo_samples)
     state, k_run, k_final = started
@@ -700,7 +702,7 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
                            per_sync, progress, desc)
     info = jax.device_get((state.step, state.status, state.bad_step))
     return _Run(state.params, info, chunks, None, None, final, k_final,
-                lambda: (state, k_run, k_final), False)
+                lambda: (state, k_run, k_final))
 
 
 def _scalars(tol, cap, dtype):
@@ -763,6 +765,23 @@ def _drive(window, batched, state, key, target, tol_arr, cap_arr, per_sync, prog
     return state, chunks
 
 
+def _replay_executable(cfg, batched, fixed, running, key, target, tol_arr, limit):
+    """The compiled step-masked window of a NaN replay, up to step cap ``limit`` (one per
+    problem when ``batched``), compiled with the effort of the window it repeats (``fixed``:
+    the single executable of ``tol=None``, XLA's defaults)."""
+    if fixed:
+        effort = "full"
+    else:  # the effort the window got (lowering it again is a cache hit)
+        cap = limit[0] if batched else limit
+        window = _compiled_window(cfg, batched).lower(running, key, target, tol_arr, cap)
+        effort = _compile.choose(window, _compile.WINDOW)
+    masked = cfg._replace(mask_steps=True)
+    return _executable(
+        _compiled_window(masked, batched, cap_per_problem=batched), ("replay", masked, batched),
+        running, key, target, tol_arr, limit, effort=effort,
+    ).result()
+
+
 def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, fixed):
     """Re-run a rolled-back window up to (not including) its first non-finite step.
 
@@ -775,16 +794,7 @@ def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, fixed):
     """
     bad = np.asarray(bad_step, np.int32)
     running = state._replace(done=np.asarray(False), status=np.asarray(RUNNING, np.int32))
-    if fixed:
-        effort = "full"
-    else:  # the effort the window got (lowering it again is a cache hit)
-        window = _compiled_window(cfg, False).lower(running, key, target, tol_arr, bad)
-        effort = _compile.choose(window, _compile.WINDOW)
-    masked = cfg._replace(mask_steps=True)
-    replay = _executable(
-        _compiled_window(masked, False), ("window", masked, False),
-        running, key, target, tol_arr, bad, effort=effort,
-    ).result()
+    replay = _replay_executable(cfg, False, fixed, running, key, target, tol_arr, bad)
     state, _ = replay(running, key, target, tol_arr, bad)
     return state._replace(
         done=np.asarray(True), status=np.asarray(NONFINITE, np.int32), bad_step=bad
@@ -803,16 +813,7 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
                              status=np.full(size, RUNNING, np.int32))
     # The other problems take no step.
     limit = np.where(nonfinite, bad_steps, np.asarray(start.step)).astype(np.int32)
-    if fixed:
-        effort = "full"
-    else:  # the effort the window got (lowering it again is a cache hit)
-        window = _compiled_window(cfg, True).lower(running, keys, targets, tol_arr, limit[0])
-        effort = _compile.choose(window, _compile.WINDOW)
-    masked = cfg._replace(mask_steps=True)
-    replay = _executable(
-        _compiled_window(masked, True, cap_per_problem=True), ("replay", masked, True),
-        running, keys, targets, tol_arr, limit, effort=effort,
-    ).result()
+    replay = _replay_executable(cfg, True, fixed, running, keys, targets, tol_arr, limit)
     new, _ = replay(running, keys, targets, tol_arr, limit)
     new_params, new_steps, params = jax.device_get((new.params, new.step, params))
 
@@ -885,16 +886,16 @@ def fit_many(
     _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
+    fixed = tol is None and not progress
     run = _optimize(cfg, B, targets.dim, dtype, key, None, targets, tol_arr, cap_arr, per_sync,
-                    progress, f"fit_many {family.name} x{B}", num_elbo_samples,
-                    fixed=tol is None and not progress)
+                    progress, f"fit_many {family.name} x{B}", num_elbo_samples, fixed)
     params, chunks, final, k_final = run.params, run.chunks, run.final, run.k_final
     steps, status, bad_steps = run.info
     nonfinite = status == NONFINITE
     if nonfinite.any():
         state, k_run, k_final = run.start()
         params, steps = _replay_many_to_last_finite(cfg, state, k_run, targets, tol_arr,
-                                                    nonfinite, bad_steps, run.fixed, params, steps)
+                                                    nonfinite, bad_steps, fixed, params, steps)
         final = _final_executable(family, num_elbo_samples, True, k_final, params, targets)
     names = np.array([_STATUS_NAMES[int(s)] for s in status])
     bad = np.flatnonzero(status == NONFINITE)
