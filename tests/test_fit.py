@@ -255,6 +255,29 @@ def test_compile_effort_follows_the_window_flop_count(monkeypatch):
     assert int(state.step) == 200
 
 
+def test_gc_pause_is_scoped_and_restores_the_collector(gauss3):
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), compile_module.gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("restored on error too")
+    assert gc.isenabled()
+    gc.disable()  # a caller that turned it off keeps it off
+    try:
+        with compile_module.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    # Both fit paths (windows, and the single executable of tol=None) leave it on.
+    vi.fit(gauss3.target, "meanfield", key=jax.random.key(3), progress=False, max_steps=400)
+    assert gc.isenabled()
+    vi.fit(gauss3.target, "meanfield", key=jax.random.key(3), progress=False, tol=None,
+           num_steps=10)
+    assert gc.isenabled()
+
+
 @pytest.mark.parametrize("fixed_steps", [False, True], ids=["until-converged", "fixed-steps"])
 def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
     # Finite only for z[0] < 2: the fit walks towards the mode at 3 and must stop cleanly.

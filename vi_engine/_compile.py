@@ -20,6 +20,8 @@ another's steps (the NaN replay of ``vi.fit``) is compiled with the same effort.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 
 import jax
@@ -67,3 +69,28 @@ def choose(lowered, tiers):
     """The effort of the first of ``tiers`` whose flop limit covers XLA's count of ``lowered``."""
     flops = (lowered.cost_analysis() or {}).get("flops", math.inf)
     return next(effort for effort, limit in tiers if flops <= limit)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector while JAX traces and lowers a program.
+
+    Tracing allocates many small objects, and each allocation threshold it crosses triggers a
+    collection that walks every tracked object of the process; with jax and numpyro imported a
+    full (generation 2) collection takes 0.05-0.09 s here, and lowering a fit's final ELBO
+    triggered one (its lowering took 0.13-0.18 s with the collector, 0.06 s without, measured).
+    Tracing leaves little cyclic garbage, so nothing accumulates. Reference counting still
+    frees memory, and the collector is re-enabled on exit unless it was already off.
+
+    >>> import gc
+    >>> with gc_paused():
+    ...     gc.isenabled()
+    False
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
