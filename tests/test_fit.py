@@ -298,15 +298,45 @@ def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
 
 
 def test_x64_reaches_every_compiled_part():
-    # enable_x64 is thread-local: the final ELBO, compiled on a worker thread, must still be
-    # traced where the fit was called (float64 throughout), on both paths.
+    # enable_x64 is thread-local: the final ELBO, compiled on a worker thread or when first
+    # read, must still be traced where the fit was called (float64 throughout), on both paths,
+    # even when it is read after leaving the x64 context.
     target = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 2)
+    results = []
     with jax.enable_x64(True):
         for kw in ({"num_steps": 400}, {"num_steps": 50, "tol": None}):
             res = vi.fit(target, "meanfield", key=jax.random.key(3), progress=False,
                          num_elbo_samples=10, **kw)
             assert res.params.loc.dtype == jnp.float64
-            assert res.elbo.mean.dtype == jnp.float64, kw
+            results.append(res)
+    for res in results:
+        assert res.elbo.mean.dtype == jnp.float64
+
+
+def test_final_elbo_is_compiled_only_when_read(gauss3):
+    fit_module.clear_caches()
+    kw = dict(key=jax.random.key(21), tol=None, num_steps=400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tqdm without a terminal
+        res = vi.fit(gauss3.target, "fullrank", progress=True, **kw)  # windows: deferred
+    deferred = [f for f in fit_module._EXECUTABLES.values()
+                if isinstance(f, fit_module._Deferred)]
+    assert len(deferred) == 1 and deferred[0]._executable is None
+    assert callable(res._elbo)
+    est = res.elbo
+    assert isinstance(est, vi.Estimate) and res.elbo is est  # computed once, then kept
+    assert deferred[0]._executable is not None
+    # The same estimate (same key, same draws) as the single executable of the same fit.
+    eager = vi.fit(gauss3.target, "fullrank", progress=False, **kw)
+    assert isinstance(eager._elbo, vi.Estimate)
+    np.testing.assert_allclose(est.mean, eager.elbo.mean, rtol=1e-4)
+    np.testing.assert_allclose(est.stderr, eager.elbo.stderr, rtol=0.05, atol=1e-6)
+    # A second fit of the same shapes reuses the compiled estimate.
+    again = vi.fit(gauss3.target, "fullrank", progress=True, key=jax.random.key(22), tol=None,
+                   num_steps=400)
+    assert isinstance(again.elbo, vi.Estimate) and float(again.elbo.mean) != float(est.mean)
+    assert len([f for f in fit_module._EXECUTABLES.values()
+                if isinstance(f, fit_module._Deferred)]) == 1
 
 
 def test_fit_many_matches_each_exact_posterior():

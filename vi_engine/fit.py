@@ -38,6 +38,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -315,18 +316,25 @@ def _final_fn(family, num_samples, batched):
     ``_posterior`` assembles the parts.
     """
 
-    def one(key, params, target):
-        return elbo(key, family, params, target, num_samples)
+    estimate = _estimate_fn(family, num_samples, batched)
 
     def final(key, params, target):
         posterior = family.to_distribution(params)
         parts = posterior, _lazy_moments(posterior)
-        if num_samples == 0:  # the caller asked for no final estimate
+        if num_samples == 0:  # the caller asked for no final estimate (or asks for it later)
             return None, parts
-        estimate = (jax.vmap(one) if batched else one)(key, params, target)
-        return estimate, parts
+        return estimate(key, params, target), parts
 
     return final
+
+
+def _estimate_fn(family, num_samples, batched):
+    """``estimate(key, params, target) -> Estimate``: the final ELBO, uncompiled."""
+
+    def one(key, params, target):
+        return elbo(key, family, params, target, num_samples)
+
+    return jax.vmap(one) if batched else one
 
 
 # numpyro computes these on first access, eagerly: for a full-rank posterior the covariance
@@ -355,6 +363,11 @@ def _compiled_setup(family, optimizer, dim, dtype, batch):
 @functools.lru_cache(maxsize=64)
 def _compiled_final(family, num_samples, batched):
     return jax.jit(_final_fn(family, num_samples, batched))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_estimate(family, num_samples, batched):
+    return jax.jit(_estimate_fn(family, num_samples, batched))
 
 
 @functools.lru_cache(maxsize=64)
@@ -407,11 +420,36 @@ def _signature(tag, args):
     )
 
 
+class _Deferred:
+    """A lowered program compiled on the first ``result()`` (once, thread-safe): for programs a
+    caller may never run, such as the final ELBO estimate of a fit whose ``elbo`` is not read.
+    Lowering happened when it was created, under the caller's JAX configuration (x64, ...)."""
+
+    def __init__(self, lowered, effort):
+        self._lowered, self._effort = lowered, effort
+        self._executable = None
+        self._lock = threading.Lock()
+
+    def result(self):
+        with self._lock:
+            if self._executable is None:  # a failed compilation raises and is retried next time
+                self._executable = _compile.compile_lowered(self._lowered, self._effort)
+                self._lowered = None
+            return self._executable
+
+    def done(self):
+        return True
+
+    def exception(self):
+        return None
+
+
 def _executable(jitted, tag, *args, effort, compile_there=False):
     """A future of ``jitted`` compiled for the shapes of ``args``, cached by signature.
 
-    Tracing and lowering happen in this thread (see ``_EXECUTABLES``); with ``compile_there``
-    the compilation runs on the worker thread. ``effort``: see ``_compile.compile_lowered``.
+    Tracing and lowering happen in this thread (see ``_EXECUTABLES``). ``compile_there``:
+    ``False`` compiles now, ``True`` on the worker thread, ``"deferred"`` on first use (see
+    ``_Deferred``). ``effort``: see ``_compile.compile_lowered``.
     """
     sig = _signature(tag, args)
     hit = _EXECUTABLES.get(sig)
@@ -421,7 +459,9 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
         if len(_EXECUTABLES) > 256:
             _EXECUTABLES.clear()
         lowered = jitted.lower(*args)
-        if compile_there:
+        if compile_there == "deferred":
+            future = _Deferred(lowered, effort)
+        elif compile_there:
             future = _COMPILER.submit(_compile.compile_lowered, lowered, effort)
         else:
             future = concurrent.futures.Future()
@@ -430,19 +470,48 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
     return hit
 
 
-def _final_executable(family, num_samples, batched, key, params, target, compile_there=False):
-    """A future of the compiled final function (ELBO estimate and posterior)."""
-    return _executable(
-        _compiled_final(family, num_samples, batched), ("final", family, num_samples, batched),
+def _final_executables(family, num_samples, batched, key, params, target, compile_there=False):
+    """Futures of the compiled posterior (built in compiled code, see ``_final_fn``) and of the
+    final ELBO estimate (``None`` with ``num_samples=0``).
+
+    The estimate is a separate program, compiled when ``FitResult.elbo`` is first read: its
+    compilation (0.11-0.15 s for a linear regression) was the last thing a first fit waited
+    for, and a caller who only wants the posterior never pays for it. It is lowered now, so it
+    sees the JAX configuration of the fit (x64, matmul precision) wherever it is read.
+    """
+    posterior = _executable(
+        _compiled_final(family, 0, batched), ("final", family, 0, batched),
         key, params, target, effort=_compile.ONCE, compile_there=compile_there,
     )
+    if num_samples == 0:
+        return posterior, None
+    estimate = _executable(
+        _compiled_estimate(family, num_samples, batched), ("elbo", family, num_samples, batched),
+        key, params, target, effort=_compile.ONCE, compile_there="deferred",
+    )
+    return posterior, estimate
+
+
+def _finish(final, k_final, params, target):
+    """``(estimate, posterior parts)`` from ``_final_executables``' futures; the estimate is a
+    zero-argument function (see ``FitResult.elbo``) or ``None``."""
+    posterior, estimate = final
+    _, parts = posterior.result()(k_final, params, target)
+    if estimate is None:
+        return None, parts
+    return functools.partial(_run_deferred, estimate, k_final, params, target), parts
+
+
+def _run_deferred(future, *args):
+    return future.result()(*args)
 
 
 def clear_caches() -> None:
     """Drop vi_engine's ahead-of-time compiled executables (``jax.clear_caches()`` does not see
     them), so that the next fit traces and compiles from scratch: for cold-start timing."""
     _EXECUTABLES.clear()
-    for fn in (_compiled_window, _compiled_setup, _compiled_final, _compiled_fixed):
+    for fn in (_compiled_window, _compiled_setup, _compiled_final, _compiled_estimate,
+               _compiled_fixed):
         fn.cache_clear()
 
 
@@ -464,8 +533,8 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
         jitted_setup, ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
         effort="minimal", compile_there=True,
     )
-    final = _final_executable(cfg.family, num_elbo_samples, batched, k_final, state.params,
-                              target, compile_there=True)
+    final = _final_executables(cfg.family, num_elbo_samples, batched, k_final, state.params,
+                               target, compile_there=True)
     state, k_run, k_final = setup.result()(key, init_params)
     return (state, k_run, k_final), window.result(), final
 
@@ -481,8 +550,10 @@ class FitResult:
       losses: ``(num_steps,)`` per-step negative-ELBO estimates (``fit_many``: ``(B, T)``;
         entries past a problem's ``num_steps`` are padding: NaN, or for a problem rolled back
         after a non-finite step, the losses of the rolled-back steps).
-      elbo: ``Estimate(mean, stderr)`` of the final ELBO (``num_elbo_samples`` draws), or
-        ``None`` with ``num_elbo_samples=0``.
+      elbo: ``Estimate(mean, stderr)`` of the final ELBO (``num_elbo_samples`` draws, with a
+        key split from the fit's, so it is reproducible), or ``None`` with
+        ``num_elbo_samples=0``. Computed when first read (then kept): a fit until convergence
+        compiles its estimate only if it is used (0.1-0.15 s on a first fit of a small problem).
       num_steps: steps actually run. converged: the stopping rule fired.
       status: ``"converged"``, ``"max_steps"`` or ``"nonfinite"`` (per problem in fit_many).
       message: a human-readable report (why it stopped; a hint on non-finite values).
@@ -492,13 +563,22 @@ class FitResult:
     posterior: Any
     params: Any
     losses: Any
-    elbo: Estimate | None
     num_steps: Any
     converged: Any
     status: Any
     message: str
     family: Family
     target: Any
+    # An Estimate, None, or a zero-argument function computing the Estimate (see ``elbo``).
+    _elbo: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def elbo(self) -> Estimate | None:
+        value = self._elbo
+        if callable(value):
+            value = value()
+            object.__setattr__(self, "_elbo", value)  # computed once (the result is frozen)
+        return value
 
     def sample(self, key, num_samples):
         """Draws from q: a dict of constrained values per site for NumPyro targets (with
@@ -643,18 +723,18 @@ def fit(
         state, k_run, k_final = run.start()
         state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr, bad_step, fixed)
         params, step = state.params, int(state.step)
-        final = _final_executable(family, num_elbo_samples, False, k_final, params, target)
+        final = _final_executables(family, num_elbo_samples, False, k_final, params, target)
     message = _message(status, step, bad_step, cap)
     if status == NONFINITE:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
     estimate, parts = run.estimate, run.parts
     if final is not None:
-        estimate, parts = final.result()(k_final, params, target)
+        estimate, parts = _finish(final, k_final, params, target)
     return FitResult(
         posterior=_posterior(parts),
         params=params,
         losses=_join(chunks, step),
-        elbo=estimate,
+        _elbo=estimate,
         num_steps=step,
         converged=status == CONVERGED,
         status=_STATUS_NAMES[status],
@@ -900,7 +980,7 @@ def fit_many(
         state, k_run, k_final = run.start()
         params, steps = _replay_many_to_last_finite(cfg, state, k_run, targets, tol_arr,
                                                     nonfinite, bad_steps, fixed, params, steps)
-        final = _final_executable(family, num_elbo_samples, True, k_final, params, targets)
+        final = _final_executables(family, num_elbo_samples, True, k_final, params, targets)
     names = np.array([_STATUS_NAMES[int(s)] for s in status])
     bad = np.flatnonzero(status == NONFINITE)
     counts = {n: int((names == n).sum()) for n in _STATUS_NAMES.values() if (names == n).any()}
@@ -915,12 +995,12 @@ def fit_many(
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
     estimate, parts = run.estimate, run.parts
     if final is not None:
-        estimate, parts = final.result()(k_final, params, targets)
+        estimate, parts = _finish(final, k_final, params, targets)
     return FitResult(
         posterior=_posterior(parts),
         params=params,
         losses=_join(chunks, int(steps.max())),
-        elbo=estimate,
+        _elbo=estimate,
         num_steps=steps,
         converged=status == CONVERGED,
         status=names,
