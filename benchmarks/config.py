@@ -25,7 +25,7 @@ _QUICK = {
         "numpyro_tuned": True,
         "whole_process": True,
         "whole_process_numpyro": False,
-        "whole_process_rounds": 3,  # interleaved; the median is kept (a run swings ±15%)
+        "whole_process_rounds": 5,  # interleaved; the median is kept (a run swings ±15%)
     },
     "throughput": {
         "sizes": [(100, 5), (10_000, 20), (100_000, 20)],
@@ -59,7 +59,7 @@ _FULL["accuracy"].update(
     engine_problems=[],
     max_steps=20_000,
     whole_process_numpyro=True,
-    whole_process_rounds=3,
+    whole_process_rounds=5,
     blackjax_grid={"fullrank": [(n, lr) for n in (10, 50, 100) for lr in (1e-2, 3e-2, 1e-1)],
                    "meanfield": [(n, lr) for n in (10, 50, 100) for lr in (1e-2, 3e-2, 1e-1)]},
 )
