@@ -270,12 +270,24 @@ def test_gc_pause_is_scoped_and_restores_the_collector(gauss3):
         assert not gc.isenabled()
     finally:
         gc.enable()
-    # Both fit paths (windows, and the single executable of tol=None) leave it on.
-    vi.fit(gauss3.target, "meanfield", key=jax.random.key(3), progress=False, max_steps=400)
-    assert gc.isenabled()
-    vi.fit(gauss3.target, "meanfield", key=jax.random.key(3), progress=False, tol=None,
-           num_steps=10)
-    assert gc.isenabled()
+    # Both fit paths (windows, and the single executable of tol=None) pause it while they
+    # lower their programs, and leave it on.
+    seen = []
+    real_lower = jax.stages.Traced.lower
+
+    def spy(self, *args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_lower(self, *args, **kwargs)
+
+    fit_module.clear_caches()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax.stages.Traced, "lower", spy)
+        vi.fit(gauss3.target, "lowrank", key=jax.random.key(3), progress=False, max_steps=400)
+        assert gc.isenabled() and len(seen) >= 4 and not any(seen), seen
+        seen.clear()
+        vi.fit(gauss3.target, "lowrank", key=jax.random.key(3), progress=False, tol=None,
+               num_steps=10)
+        assert gc.isenabled() and len(seen) == 1 and not any(seen), seen
 
 
 @pytest.mark.parametrize("fixed_steps", [False, True], ids=["until-converged", "fixed-steps"])
@@ -301,7 +313,9 @@ def test_x64_reaches_every_compiled_part():
     # enable_x64 is thread-local: the final ELBO, compiled on a worker thread or when first
     # read, must still be traced where the fit was called (float64 throughout), on both paths,
     # even when it is read after leaving the x64 context.
-    target = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 2)
+    # NumPy data: their dtype is decided where they are used, so they must be fixed at fit time.
+    target = vi.Target.from_log_density(lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 2,
+                                        data=(np.array([1.0, -1.0]),))
     results = []
     with jax.enable_x64(True):
         for kw in ({"num_steps": 400}, {"num_steps": 50, "tol": None}):
@@ -331,6 +345,15 @@ def test_final_elbo_is_compiled_only_when_read(gauss3):
     assert isinstance(eager._elbo, vi.Estimate)
     np.testing.assert_allclose(est.mean, eager.elbo.mean, rtol=1e-4)
     np.testing.assert_allclose(est.stderr, eager.elbo.stderr, rtol=0.05, atol=1e-6)
+    # A result can be copied and pickled before its estimate is read (which computes it).
+    import copy
+    import pickle
+
+    pending = [vi.fit(gauss3.target, "fullrank", progress=True, **kw)._elbo for _ in range(2)]
+    assert all(isinstance(p, fit_module._PendingEstimate) for p in pending)
+    for clone in (copy.deepcopy(pending[0]), pickle.loads(pickle.dumps(pending[1]))):
+        assert isinstance(clone, vi.Estimate)
+        np.testing.assert_allclose(clone.mean, est.mean, rtol=1e-6)
     # A second fit of the same shapes reuses the compiled estimate.
     again = vi.fit(gauss3.target, "fullrank", progress=True, key=jax.random.key(22), tol=None,
                    num_steps=400)

@@ -26,10 +26,12 @@ split, parameters initialized and the posterior distribution built inside compil
 ops each compile a small program: they had cost 3 s of a 5.4 s first fit). With ``tol=None``
 and no progress bar the whole fit (setup, steps, final ELBO) is ONE executable, which is what
 ``fit_many`` and short fixed-step fits want. Until convergence, three executables (setup, window,
-final ELBO) are compiled ahead of time on a worker thread and cached by signature. The compile
-effort follows how much a program will run (``vi_engine/_compile.py``): least for the setup and
-the final ELBO, less for windows of cheap steps (a linear regression's window: 1.0 s instead of
-2.2 s).
+posterior) are compiled ahead of time on a worker thread and cached by signature; a fourth, the
+final ELBO estimate, is lowered with them and compiled when ``FitResult.elbo`` is first read. The
+compile effort follows how much a program will run (``vi_engine/_compile.py``): least for the
+setup, the posterior and the final ELBO, less for windows of cheap steps (a linear regression's
+window: 1.0 s instead of 2.2 s). Python's cyclic GC is paused while programs are traced and
+lowered (``_compile.gc_paused``).
 """
 
 from __future__ import annotations
@@ -396,11 +398,12 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype, num_elbo_samples):
 # Ahead-of-time compiled executables, by signature. On the path that runs until convergence,
 # three programs are needed. One worker thread compiles them in turn: the window first (lowered
 # from the setup's output shapes, so the longest compilation starts at once), then the setup and
-# the final ELBO, which this thread lowers meanwhile (measured: 0.2 s earlier than compiling the
-# setup first). Measured on 2 cores: compiling them concurrently is slower (XLA's compiler
-# already keeps both cores busy: the window took 2.7 s instead of 1.7 s). Tracing and lowering
-# always happen on the calling thread: JAX's context managers (enable_x64, matmul precision,
-# ...) are thread-local, and numpyro's handler stack is a global list.
+# the posterior, which this thread lowers meanwhile (measured: 0.2 s earlier than compiling the
+# setup first), with the final ELBO (compiled when first read: ``_Deferred``). Measured on 2
+# cores: compiling them concurrently is slower (XLA's compiler already keeps both cores busy:
+# the window took 2.7 s instead of 1.7 s). Tracing and lowering always happen on the calling
+# thread: JAX's context managers (enable_x64, matmul precision, ...) are thread-local, and
+# numpyro's handler stack is a global list.
 _EXECUTABLES: dict = {}
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vi-compile")
 
@@ -458,7 +461,8 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
     if hit is None:
         if len(_EXECUTABLES) > 256:
             _EXECUTABLES.clear()
-        lowered = jitted.lower(*args)
+        with _compile.gc_paused():
+            lowered = jitted.lower(*args)
         if compile_there == "deferred":
             future = _Deferred(lowered, effort)
         elif compile_there:
@@ -494,16 +498,33 @@ def _final_executables(family, num_samples, batched, key, params, target, compil
 
 def _finish(final, k_final, params, target):
     """``(estimate, posterior parts)`` from ``_final_executables``' futures; the estimate is a
-    zero-argument function (see ``FitResult.elbo``) or ``None``."""
+    ``_PendingEstimate`` (see ``FitResult.elbo``) or ``None``."""
     posterior, estimate = final
     _, parts = posterior.result()(k_final, params, target)
     if estimate is None:
         return None, parts
-    return functools.partial(_run_deferred, estimate, k_final, params, target), parts
+    # On the device now: a NumPy leaf of the target would otherwise get its dtype from the x64
+    # mode in force when .elbo is read (not the one the estimate was compiled for), and its
+    # values then (a caller may have changed the array in place since).
+    return _PendingEstimate(estimate, jax.device_put((k_final, params, target))), parts
 
 
-def _run_deferred(future, *args):
-    return future.result()(*args)
+class _PendingEstimate:
+    """The final ELBO estimate, computed when called (``FitResult.elbo``). Copying or pickling
+    it computes it: what is stored is the ``Estimate``, not the compiled program."""
+
+    def __init__(self, future, args):
+        self._future, self._args = future, args
+
+    def __call__(self):
+        return self._future.result()(*self._args)
+
+    def __reduce__(self):
+        return _identity, (self(),)
+
+
+def _identity(x):
+    return x
 
 
 def clear_caches() -> None:
@@ -518,12 +539,14 @@ def clear_caches() -> None:
 def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
              num_elbo_samples):
     """Start a fit that runs window by window: ``((state, run key, final key), compiled
-    window, future of the compiled final function)``. See ``_EXECUTABLES`` for the order."""
+    window, futures of the compiled posterior and final ELBO)`` (``_final_executables``). See
+    ``_EXECUTABLES`` for the order."""
     jitted_setup = _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)
     # The window is lowered first, from the setup's output shapes alone: its compilation (the
     # longest) starts at once on the worker; the setup and then the final function follow it
     # there, lowered by this thread meanwhile.
-    state, k_run, k_final = jax.eval_shape(jitted_setup, key, init_params)
+    with _compile.gc_paused():
+        state, k_run, k_final = jax.eval_shape(jitted_setup, key, init_params)
     batched = batch is not None
     window = _executable(
         _compiled_window(cfg, batched), ("window", cfg, batched),
@@ -554,6 +577,8 @@ class FitResult:
         key split from the fit's, so it is reproducible), or ``None`` with
         ``num_elbo_samples=0``. Computed when first read (then kept): a fit until convergence
         compiles its estimate only if it is used (0.1-0.15 s on a first fit of a small problem).
+        Copying or pickling a result computes it. (It is a property: construct a ``FitResult``
+        with ``_elbo=`` rather than ``elbo=``.)
       num_steps: steps actually run. converged: the stopping rule fired.
       status: ``"converged"``, ``"max_steps"`` or ``"nonfinite"`` (per problem in fit_many).
       message: a human-readable report (why it stopped; a hint on non-finite values).
@@ -569,13 +594,13 @@ class FitResult:
     message: str
     family: Family
     target: Any
-    # An Estimate, None, or a zero-argument function computing the Estimate (see ``elbo``).
+    # An Estimate, None, or a _PendingEstimate computing it when first read (see ``elbo``).
     _elbo: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def elbo(self) -> Estimate | None:
         value = self._elbo
-        if callable(value):
+        if isinstance(value, _PendingEstimate):
             value = value()
             object.__setattr__(self, "_elbo", value)  # computed once (the result is frozen)
         return value
@@ -747,7 +772,7 @@ def fit(
 class _Run(NamedTuple):
     """What ``_optimize`` returns. ``info``: host ``(steps, status, bad_steps)``; ``estimate`` and
     ``parts`` come from the single executable (``final`` and ``k_final`` are then None), else
-    ``final`` is the future of the compiled final function; ``start()`` gives the state, run key
+    ``final`` holds the futures of ``_final_executables``; ``start()`` gives the state, run key
     and final key that a NaN replay starts from (on the single-executable path the setup state,
     where its one rolled-back window starts)."""
 
@@ -767,18 +792,19 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
     (``tol=None``, no progress bar) one executable, else windows until every problem is done."""
     if fixed:
         program = _compiled_fixed(cfg, batch, dim, dtype, num_elbo_samples)
-        with _compile.gc_paused():  # a first call traces and lowers
-            params, info, losses, estimate, parts = program(key, target, init_params, tol_arr,
-                                                            cap_arr)
+        if program._cache_size() == 0:  # a first call: trace and lower without the GC
+            with _compile.gc_paused():  # (the call below reuses JAX's cached lowering)
+                program.lower(key, target, init_params, tol_arr, cap_arr)
+        params, info, losses, estimate, parts = program(key, target, init_params, tol_arr,
+                                                        cap_arr)
 
         def start():  # rolled back to the setup state: rebuild it (same key, same state)
             return _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)(key,
                                                                                   init_params)
 
         return _Run(params, jax.device_get(info), [losses], estimate, parts, None, None, start)
-    with _compile.gc_paused():
-        started, window, final = _prepare(cfg, batch, dim, dtype, key, init_params, target,
-                                          tol_arr, cap_arr, num_elbo_samples)
+    started, window, final = _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr,
+                                      cap_arr, num_elbo_samples)
     state, k_run, k_final = started
     state, chunks = _drive(window, batch is not None, state, k_run, target, tol_arr, cap_arr,
                            per_sync, progress, desc)
