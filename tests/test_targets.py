@@ -163,6 +163,29 @@ def test_simplex_site_jacobian():
     np.testing.assert_allclose(t(z), ref.log_prob(z), rtol=1e-10)
 
 
+def test_numpyro_target_inside_another_numpyro_model():
+    # A NumPyro target's log density used as a factor of an outer model (as a NumPyro user
+    # would wrap any log density): the inner model's sites must not reach the outer handlers.
+    def inner():
+        numpyro.sample("p", dist.Beta(2.0, 3.0))
+
+    t = Target.from_numpyro(inner)
+
+    def outer():
+        z = numpyro.sample("z", dist.Normal(0.0, 10.0).expand((1,)).to_event(1))
+        numpyro.factor("inner", t.log_density(z))
+
+    tr = numpyro.handlers.trace(numpyro.handlers.seed(outer, 0)).get_trace()
+    assert set(tr) == {"z", "inner"}
+    z = tr["z"]["value"]
+    np.testing.assert_allclose(tr["inner"]["fn"].log_factor, t.log_density(z), rtol=1e-12)
+    # An SVI run of the outer model (each step traces it twice: model and guide).
+    guide = numpyro.infer.autoguide.AutoNormal(outer)
+    svi = numpyro.infer.SVI(outer, guide, numpyro.optim.Adam(1e-2), numpyro.infer.Trace_ELBO())
+    res = svi.run(jax.random.key(0), 50, progress_bar=False)
+    assert np.all(np.isfinite(res.losses))
+
+
 def test_from_numpyro_errors(reg_data):
     x, y = reg_data
 

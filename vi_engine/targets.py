@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions.transforms import biject_to
-from numpyro.handlers import seed, substitute, trace
+from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.util import constrain_fn, potential_energy
 
 from vi_engine._compile import compile_lowered, gc_paused
@@ -115,7 +115,11 @@ class _NumpyroSpec:
         # A callable spec (not a bound method: those compare by identity) keeps the Target's
         # aux data equal across constructions, so jit caches.
         args, kwargs = self.args_kwargs(arrays)
-        return -potential_energy(self.model, args, kwargs, self.unravel(z))
+        # Blocked: evaluated inside another NumPyro model (its log density as a factor, an
+        # SVI trace), the model's own sites would otherwise reach the outer handlers and
+        # collide with each other's names there.
+        with block():
+            return -potential_energy(self.model, args, kwargs, self.unravel(z))
 
 
 def _split_args(args, kwargs):
