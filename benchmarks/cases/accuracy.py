@@ -298,17 +298,18 @@ def _whole_process(lin, cfg, ctx):
     """Each method in a fresh interpreter: import, build the problem, compile, fit."""
     s = lin["settings"]
     jobs = {"vi_engine": ["vi_engine", "fullrank"]}
-    # BlackJAX's best configuration: the grid run that reached 1e-3 soonest (steady), with
-    # exactly the steps it needed.
+    # BlackJAX's best configuration: the full-rank grid run that reached KL <= 1e-3 soonest
+    # (steady), with exactly the steps it needed. Full-rank only: a mean-field run's "1e-3"
+    # level is its own optimum + 1e-3, far above KL = 1e-3 on this correlated posterior, so it
+    # can never meet the bar (picked in --full mode, it made the check a vacuous pass).
     best = None
-    for r in lin["runs"]:
-        if r["method"].startswith("blackjax.") and r["method"] != "blackjax.pathfinder":
-            t = _t(r, "1e-3", "steady")
-            if t is not None and (best is None or t < best[0]):
-                best = (t, r)
+    grid = [r for r in lin["runs"] if r["method"] == "blackjax.fullrank_vi"]
+    for r in grid:
+        t = _t(r, "1e-3", "steady")
+        if t is not None and (best is None or t < best[0]):
+            best = (t, r)
     if best is None:  # none reached: take the lowest final KL, at its full step count
-        cands = [r for r in lin["runs"] if r["method"].startswith("blackjax.")
-                 and r["method"] != "blackjax.pathfinder"]
+        cands = grid
         if cands:
             r = min(cands, key=lambda r: r["kl_final"])
             best = (None, r)
