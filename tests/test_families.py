@@ -34,6 +34,25 @@ def test_sample_and_log_prob_agree_with_numpyro(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_noise_contract(family):
+    # vi.fit draws a window's noise up front for families that separate it: the draws must be
+    # exactly those of sampling with the same key.
+    params = _random_params(family, jax.random.key(0), 4)
+    key = jax.random.key(5)
+    if not family.has_noise:
+        with pytest.raises(NotImplementedError, match="noise"):
+            family.noise(key, params, 3)
+        return
+    eps = family.noise(key, params, 3)
+    assert eps.shape == (3, 4)
+    z, log_q = family.from_noise(params, eps)
+    z2, log_q2 = family.sample_and_log_prob(key, params, 3)
+    np.testing.assert_array_equal(z, z2)
+    np.testing.assert_array_equal(log_q, log_q2)
+    np.testing.assert_array_equal(family.sample(key, params, 3), z)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_entropy_matches_numpyro_and_draws_have_the_right_moments(family):
     params = _random_params(family, jax.random.key(2), 3)
     q = family.to_distribution(params)

@@ -200,12 +200,18 @@ def _lowered_window(family, n, d):
     )
     _, cfg, cap, _ = fit_module._configure(family, "elbo", None, None, None, 1e-3, False,
                                            vi.StoppingRule(), 20_000)
+    cfg = fit_module._with_presample(cfg, d, None)  # as vi.fit does
     dtype = fit_module._dtype()
     tol, cap = fit_module._scalars(1e-3, cap, dtype)
     setup = fit_module._compiled_setup(cfg.family, cfg.optimizer, d, dtype, None)
     state, key, _ = setup(jax.random.key(2), None)
     args = (state, key, target, tol, cap)
-    return fit_module._compiled_window(cfg, False).lower(*args), args
+    return fit_module._compiled_window(cfg, False).lower(*args), args, cfg
+
+
+def _window_tiers(n, d, family="fullrank"):
+    lowered, _, cfg = _lowered_window(family, n, d)
+    return lowered, fit_module._window_tiers(cfg, d, None)
 
 
 class _SpyLowered:
@@ -224,7 +230,7 @@ class _SpyLowered:
 def test_cheaper_compilation_computes_the_same_window():
     # The cheaper compile settings (LLVM -O1 or -O0, classic emitters) are other code generators for
     # the same program: ten windows (2,000 steps) from the same state must agree.
-    lowered, args = _lowered_window("fullrank", 200, 4)
+    lowered, args, _ = _lowered_window("fullrank", 200, 4)
     fast = compile_module.compile_lowered(lowered, "fast")
     full = compile_module.compile_lowered(lowered, "full")
     minimal = compile_module.compile_lowered(lowered, "minimal")
@@ -242,17 +248,49 @@ def test_cheaper_compilation_computes_the_same_window():
 
 
 def test_compile_effort_follows_the_window_flop_count(monkeypatch):
-    small = _SpyLowered(_lowered_window("fullrank", 500, 20)[0])  # ~85k flops per window
-    big = _SpyLowered(_lowered_window("fullrank", 2000, 100)[0])  # ~1.4M
-    compile_module.compile_lowered(small, compile_module.WINDOW)
-    compile_module.compile_lowered(big, compile_module.WINDOW)
+    # ~85k flops per step (plus 284k for the window's pre-drawn noise, not counted: its tiers
+    # are raised by as much), and ~1.4M per step.
+    small, small_tiers = _window_tiers(500, 20)
+    big, big_tiers = _window_tiers(2000, 100)
+    assert small_tiers[0][1] == compile_module.WINDOW[0][1] + 71 * 200 * 20
+    small, big = _SpyLowered(small), _SpyLowered(big)
+    compile_module.compile_lowered(small, small_tiers)
+    compile_module.compile_lowered(big, big_tiers)
     assert small.options == [compile_module.OPTIONS["fast"]]
     assert big.options == [None]
     # An XLA that does not know the fast options compiles with its defaults instead.
-    lowered, args = _lowered_window("meanfield", 50, 2)
+    lowered, args, _ = _lowered_window("meanfield", 50, 2)
     monkeypatch.setitem(compile_module.OPTIONS, "fast", {"xla_no_such_option_for_vi": True})
     state, _ = compile_module.compile_lowered(lowered, "fast")(*args)
     assert int(state.step) == 200
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["windows", "single-executable"])
+def test_presampled_noise_gives_the_same_fit(gauss3, fixed, monkeypatch):
+    # A window's noise drawn before its steps (within budget) or by each step (beyond): the
+    # same draws, so the same fit, for fit and fit_many.
+    kw = dict(tol=None, num_steps=400) if fixed else dict(max_steps=600)
+    mus = jnp.arange(3.0)[:, None] * jnp.ones((3, 2))
+    mk = lambda mu: vi.Target.from_log_density(lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 2,
+                                                data=(mu,))
+    _, cfg, *_ = fit_module._configure("fullrank", "elbo", None, None, kw.get("num_steps"),
+                                       kw.get("tol", 1e-3), False, vi.StoppingRule(), 600)
+    assert fit_module._with_presample(cfg, 3, None).presample
+    assert not fit_module._with_presample(cfg, 10**5, None).presample  # over budget
+    assert not fit_module._with_presample(cfg._replace(objective=vi.IWAE()), 3, None).presample
+    runs = []
+    for budget in (fit_module._PRESAMPLE_BUDGET, 0):
+        monkeypatch.setattr(fit_module, "_PRESAMPLE_BUDGET", budget)
+        one = vi.fit(gauss3.target, "fullrank", key=jax.random.key(8), progress=False, **kw)
+        many = vi.fit_many(mk, mus, family="meanfield", key=jax.random.key(9), progress=False,
+                           **kw)
+        runs.append((one, many))
+    (a, am), (b, bm) = runs
+    assert int(a.num_steps) == int(b.num_steps)
+    np.testing.assert_array_equal(am.num_steps, bm.num_steps)
+    for x, y in ((a.params, b.params), (am.params, bm.params)):
+        for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y), strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
 
 
 def test_gc_pause_is_scoped_and_restores_the_collector(gauss3):
