@@ -200,7 +200,7 @@ def _lowered_window(family, n, d):
     )
     _, cfg, cap, _ = fit_module._configure(family, "elbo", None, None, None, 1e-3, False,
                                            vi.StoppingRule(), 20_000)
-    cfg = fit_module._with_presample(cfg, d, None)  # as vi.fit does
+    cfg = fit_module._with_presample(cfg, d, None, jax.random.key(0))  # as vi.fit does
     dtype = fit_module._dtype()
     tol, cap = fit_module._scalars(1e-3, cap, dtype)
     setup = fit_module._compiled_setup(cfg.family, cfg.optimizer, d, dtype, None)
@@ -211,7 +211,7 @@ def _lowered_window(family, n, d):
 
 def _window_tiers(n, d, family="fullrank"):
     lowered, _, cfg = _lowered_window(family, n, d)
-    return lowered, fit_module._window_tiers(cfg, d, None)
+    return lowered, fit_module._window_tiers(cfg, d, None, fit_module._dtype())
 
 
 class _SpyLowered:
@@ -252,7 +252,14 @@ def test_compile_effort_follows_the_window_flop_count(monkeypatch):
     # are raised by as much), and ~1.4M per step.
     small, small_tiers = _window_tiers(500, 20)
     big, big_tiers = _window_tiers(2000, 100)
-    assert small_tiers[0][1] == compile_module.WINDOW[0][1] + 71 * 200 * 20
+    # The flops a pre-drawn normal adds are XLA's own count, in both precisions.
+    keys = jax.random.split(jax.random.key(0), 200)
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            dtype = jnp.result_type(float)
+            draw = jax.jit(lambda ks: jax.vmap(lambda k: jax.random.normal(k, (1, 20), dtype))(ks))
+            per_normal = draw.lower(keys).cost_analysis()["flops"] / (200 * 20)
+        assert abs(per_normal / fit_module._NORMAL_FLOPS[jnp.dtype(dtype).itemsize] - 1) < 0.02
     small, big = _SpyLowered(small), _SpyLowered(big)
     compile_module.compile_lowered(small, small_tiers)
     compile_module.compile_lowered(big, big_tiers)
@@ -275,9 +282,25 @@ def test_presampled_noise_gives_the_same_fit(gauss3, fixed, monkeypatch):
                                                 data=(mu,))
     _, cfg, *_ = fit_module._configure("fullrank", "elbo", None, None, kw.get("num_steps"),
                                        kw.get("tol", 1e-3), False, vi.StoppingRule(), 600)
-    assert fit_module._with_presample(cfg, 3, None).presample
-    assert not fit_module._with_presample(cfg, 10**5, None).presample  # over budget
-    assert not fit_module._with_presample(cfg._replace(objective=vi.IWAE()), 3, None).presample
+    key = jax.random.key(0)
+    assert fit_module._with_presample(cfg, 3, None, key).presample
+    assert fit_module._with_presample(cfg, 3, None, jax.random.PRNGKey(0)).presample
+    assert not fit_module._with_presample(cfg, 10**5, None, key).presample  # over budget
+    assert not fit_module._with_presample(cfg, 3, 10**5, key).presample  # fit_many: B counts
+    # Not for rbg keys (a vectorized draw differs from per-key ones), nor objectives or
+    # families that may use the key or sample their own way.
+    assert not fit_module._with_presample(cfg, 3, None, jax.random.key(0, impl="rbg")).presample
+
+    class KeyedELBO(vi.ELBO):
+        pass
+
+    class Antithetic(vi.FullRank):
+        def sample_and_log_prob(self, key, params, num_samples):
+            return super().sample_and_log_prob(key, params, num_samples)
+
+    for other in (cfg._replace(objective=vi.IWAE()), cfg._replace(objective=KeyedELBO()),
+                  cfg._replace(family=Antithetic()), cfg._replace(family=vi.LowRank())):
+        assert not fit_module._with_presample(other, 3, None, key).presample, other
     runs = []
     for budget in (fit_module._PRESAMPLE_BUDGET, 0):
         monkeypatch.setattr(fit_module, "_PRESAMPLE_BUDGET", budget)
@@ -476,8 +499,9 @@ def test_bad_arguments_are_clear_errors(gauss3):
         vi.fit(gauss3.target, key=jax.random.key(0), num_elbo_samples=-1)
 
 
-def test_progress_bar_does_not_change_the_result(gauss3):
-    kw = dict(key=jax.random.key(18), tol=None, num_steps=200)
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_progress_bar_does_not_change_the_result(gauss3, impl):
+    kw = dict(key=jax.random.key(18, impl=impl), tol=None, num_steps=200)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = vi.fit(gauss3.target, "meanfield", progress=True, **kw)

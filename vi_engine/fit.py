@@ -139,12 +139,14 @@ class _Config(NamedTuple):
 
 
 # Up to this many noise elements (window x draws x dim x problems) are drawn before a window's
-# steps; beyond, each step draws its own (16 MB in float32).
+# steps; beyond, each step draws its own. At the limit XLA's temporaries grow by about 72 MiB
+# (measured, float32 and float64).
 _PRESAMPLE_BUDGET = 2**22
-# XLA's flop count of one standard-normal draw (threefry and the inverse erf; measured 71 on
-# jax 0.10): the pre-drawn noise of a window runs once per window, not per step, so it is not
-# counted when the window's compile effort is chosen by its per-step flops (``_window_tiers``).
-_NORMAL_FLOPS = 71
+# XLA's flop count of one standard-normal draw (threefry and the inverse erf), by item size:
+# measured on jax 0.10, 71 in float32 and 137 in float64 (tests/test_fit.py checks them). The
+# pre-drawn noise of a window runs once per window, not per step, so it is not counted when the
+# window's compile effort is chosen by its per-step flops (``_window_tiers``).
+_NORMAL_FLOPS = {4: 71, 8: 137}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,19 +177,33 @@ class _Presampled:
         return self.family.entropy(params)
 
 
-def _with_presample(cfg, dim, batch):
-    """``cfg`` with ``presample`` set: an ELBO objective (its draws per step are
-    ``num_samples``), a family that separates its noise, and a window's noise within budget."""
+def _with_presample(cfg, dim, batch, key):
+    """``cfg`` with ``presample`` set when a window's noise can be drawn before its steps and
+    be the very draws each step would make:
+
+    - the objective is ``ELBO`` itself (its draws per step are ``num_samples``; a subclass may
+      use its key otherwise);
+    - the family separates its noise, and samples through it (a subclass that overrides
+      ``sample`` or ``sample_and_log_prob`` keeps its own sampler);
+    - the key is a threefry key (vectorized draws over ``rbg`` keys differ from per-key ones);
+    - the window's noise is within ``_PRESAMPLE_BUDGET``.
+    """
+    family = cfg.family
+    ok = type(cfg.objective) is ELBO and family.has_noise
+    if ok:
+        owner = next(c for c in type(family).__mro__ if "from_noise" in vars(c))
+        ok = all(getattr(type(family), m) is getattr(owner, m)
+                 for m in ("noise", "sample", "sample_and_log_prob"))
+    ok = ok and str(jax.random.key_impl(key)) == "threefry2x32"
     size = cfg.window * cfg.num_samples * dim * (batch or 1)
-    ok = (isinstance(cfg.objective, ELBO) and cfg.family.has_noise
-          and size <= _PRESAMPLE_BUDGET)
-    return cfg._replace(presample=bool(ok))
+    return cfg._replace(presample=bool(ok and size <= _PRESAMPLE_BUDGET))
 
 
-def _window_tiers(cfg, dim, batch):
+def _window_tiers(cfg, dim, batch, dtype):
     """The compile-effort tiers of ``cfg``'s window (``_compile.WINDOW``), their flop limits
     raised by the flops of its pre-drawn noise."""
-    extra = (_NORMAL_FLOPS * cfg.window * cfg.num_samples * dim * (batch or 1)
+    per_draw = _NORMAL_FLOPS.get(jnp.dtype(dtype).itemsize, max(_NORMAL_FLOPS.values()))
+    extra = (per_draw * cfg.window * cfg.num_samples * dim * (batch or 1)
              if cfg.presample else 0)
     return tuple((effort, limit + extra) for effort, limit in _compile.WINDOW)
 
@@ -608,8 +624,8 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
     batched = batch is not None
     window = _executable(
         _compiled_window(cfg, batched), ("window", cfg, batched),
-        state, k_run, target, tol_arr, cap_arr, effort=_window_tiers(cfg, dim, batch),
-        compile_there=True,
+        state, k_run, target, tol_arr, cap_arr, compile_there=True,
+        effort=_window_tiers(cfg, dim, batch, dtype),
     )
     setup = _executable(
         jitted_setup, ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
@@ -796,7 +812,7 @@ def fit(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
-    cfg = _with_presample(cfg, target.dim, None)
+    cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     fixed = tol is None and not progress
@@ -944,8 +960,8 @@ def _replay_executable(cfg, batched, fixed, running, key, target, tol_arr, limit
     else:  # the effort the window got (lowering it again is a cache hit)
         cap = limit[0] if batched else limit
         window = _compiled_window(cfg, batched).lower(running, key, target, tol_arr, cap)
-        effort = _compile.choose(window, _window_tiers(cfg, target.dim, limit.shape[0]
-                                                        if batched else None))
+        batch = limit.shape[0] if batched else None
+        effort = _compile.choose(window, _window_tiers(cfg, target.dim, batch, tol_arr.dtype))
     masked = cfg._replace(mask_steps=True)
     return _executable(
         _compiled_window(masked, batched, cap_per_problem=batched), ("replay", masked, batched),
@@ -1055,7 +1071,7 @@ def fit_many(
     )
     targets = jax.vmap(make_target)(*batched_args)
     _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
-    cfg = _with_presample(cfg, targets.dim, B)
+    cfg = _with_presample(cfg, targets.dim, B, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     fixed = tol is None and not progress

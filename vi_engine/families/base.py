@@ -38,7 +38,7 @@ class Family(abc.ABC):
     - ``to_distribution(params) -> numpyro Distribution`` with event shape ``(dim,)`` and any
       leading batch shape of ``params``.
     - Optional, with ``has_noise = True``: ``noise(key, params, n) -> eps`` of shape
-      ``(n, dim)`` and ``from_noise(params, eps) -> (z, log_q)``, such that
+      ``(n, *batch, dim)`` and ``from_noise(params, eps) -> (z, log_q)``, such that
       ``sample_and_log_prob(key, params, n) == from_noise(params, noise(key, params, n))``.
       ``vi.fit`` then draws a whole window's noise in one vectorized call before its steps
       (a step without its own random-number generation runs 17-22% faster, measured).
