@@ -195,16 +195,19 @@ def _with_presample(cfg, dim, batch, key):
         ok = all(getattr(type(family), m) is getattr(owner, m)
                  for m in ("noise", "sample", "sample_and_log_prob"))
     ok = ok and str(jax.random.key_impl(key)) == "threefry2x32"
-    size = cfg.window * cfg.num_samples * dim * (batch or 1)
-    return cfg._replace(presample=bool(ok and size <= _PRESAMPLE_BUDGET))
+    return cfg._replace(presample=bool(ok and _noise_size(cfg, dim, batch) <= _PRESAMPLE_BUDGET))
+
+
+def _noise_size(cfg, dim, batch):
+    """Noise elements of one window: steps x draws per step x dim x problems."""
+    return cfg.window * cfg.num_samples * dim * (batch or 1)
 
 
 def _window_tiers(cfg, dim, batch, dtype):
     """The compile-effort tiers of ``cfg``'s window (``_compile.WINDOW``), their flop limits
     raised by the flops of its pre-drawn noise."""
     per_draw = _NORMAL_FLOPS.get(jnp.dtype(dtype).itemsize, max(_NORMAL_FLOPS.values()))
-    extra = (per_draw * cfg.window * cfg.num_samples * dim * (batch or 1)
-             if cfg.presample else 0)
+    extra = per_draw * _noise_size(cfg, dim, batch) if cfg.presample else 0
     return tuple((effort, limit + extra) for effort, limit in _compile.WINDOW)
 
 

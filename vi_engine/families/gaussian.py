@@ -49,9 +49,20 @@ def _std_normal_log_prob(u, log_scale):
     return jnp.sum(-0.5 * jnp.square(u) - log_scale - 0.5 * math.log(2.0 * math.pi), -1)
 
 
-def _std_normal(key, params, num_samples):
-    """``(num_samples, *batch, dim)`` standard-normal draws in the parameters' dtype."""
-    return jax.random.normal(key, (num_samples, *params.loc.shape), params.loc.dtype)
+class _StandardNormalNoise:
+    """Sampling of a Gaussian family through its noise: ``(num_samples, *batch, dim)``
+    standard-normal draws in the parameters' dtype, mapped by the family's ``from_noise``."""
+
+    has_noise = True
+
+    def noise(self, key, params, num_samples):
+        return jax.random.normal(key, (num_samples, *params.loc.shape), params.loc.dtype)
+
+    def sample(self, key, params, num_samples):
+        return self.sample_and_log_prob(key, params, num_samples)[0]
+
+    def sample_and_log_prob(self, key, params, num_samples):
+        return self.from_noise(params, self.noise(key, params, num_samples))
 
 
 def _gaussian_entropy_const(dim, dtype):
@@ -90,7 +101,7 @@ class LowRankParams(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeanField(Family):
+class MeanField(_StandardNormalNoise, Family):
     """Diagonal Gaussian ``q(z) = Π_i N(z_i | μ_i, σ_i²)``: ADVI's mean-field family.
 
     Under reverse KL its optimum for a Gaussian target with precision Λ has the exact mean and
@@ -106,7 +117,6 @@ class MeanField(Family):
     init_scale: float = 0.1
     name = "meanfield"
     has_entropy = True
-    has_noise = True
 
     def __post_init__(self):
         _check_init_scale(self.init_scale)
@@ -119,18 +129,9 @@ class MeanField(Family):
             log_scale=jnp.full((dim,), math.log(self.init_scale), dtype),
         )
 
-    def noise(self, key, params, num_samples):
-        return _std_normal(key, params, num_samples)
-
     def from_noise(self, params, eps):
         z = params.loc + jnp.exp(params.log_scale) * eps
         return z, _std_normal_log_prob(eps, params.log_scale)
-
-    def sample(self, key, params, num_samples):
-        return self.from_noise(params, self.noise(key, params, num_samples))[0]
-
-    def sample_and_log_prob(self, key, params, num_samples):
-        return self.from_noise(params, self.noise(key, params, num_samples))
 
     def log_prob(self, params, z):
         u = (z - params.loc) / jnp.exp(params.log_scale)
@@ -145,7 +146,7 @@ class MeanField(Family):
 
 
 @dataclasses.dataclass(frozen=True)
-class FullRank(Family):
+class FullRank(_StandardNormalNoise, Family):
     """Full-covariance Gaussian ``q(z) = N(μ, L Lᵀ)`` with ``L`` lower triangular.
 
     The only Gaussian family that can reach KL(q‖p*) = 0 on a correlated Gaussian posterior.
@@ -159,7 +160,6 @@ class FullRank(Family):
     init_scale: float = 0.1
     name = "fullrank"
     has_entropy = True
-    has_noise = True
 
     def __post_init__(self):
         _check_init_scale(self.init_scale)
@@ -180,19 +180,10 @@ class FullRank(Family):
         unit_lower = eye + jnp.tril(params.off_diag, -1)
         return unit_lower * jnp.exp(params.log_diag)[..., None, :]
 
-    def noise(self, key, params, num_samples):
-        return _std_normal(key, params, num_samples)
-
     def from_noise(self, params, eps):
         # log q from the standard-normal draws themselves: exact, with no triangular solve.
         z = params.loc + jnp.einsum("...ij,n...j->n...i", self.scale_tril(params), eps)
         return z, _std_normal_log_prob(eps, params.log_diag)
-
-    def sample(self, key, params, num_samples):
-        return self.sample_and_log_prob(key, params, num_samples)[0]
-
-    def sample_and_log_prob(self, key, params, num_samples):
-        return self.from_noise(params, self.noise(key, params, num_samples))
 
     def log_prob(self, params, z):
         if params.loc.ndim != 1:  # batched parameters: numpyro broadcasts the batch shapes
