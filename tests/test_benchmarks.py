@@ -109,3 +109,19 @@ def test_only_and_bad_name():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown case" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["vi_engine", "fullrank"], ["jax", "fullrank", "0.05", "1200"]])
+def test_whole_process_script(args):
+    """The whole-process runs of the suite (off in --tiny): vi_engine with its defaults, and the
+    hand-written floor reference with the settings the suite uses, both reach KL <= 1e-3."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "_process.py"), "500", "20", *args],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["lib"] == args[0] and (res["n"], res["d"]) == (500, 20)
+    assert 0 < res["import_seconds"] < res["seconds"]
+    assert 0 <= res["kl"] <= 1e-3, res
