@@ -398,8 +398,14 @@ def test_final_elbo_is_compiled_only_when_read(gauss3):
                 if isinstance(f, fit_module._Deferred)]
     assert len(deferred) == 1 and deferred[0]._executable is None
     assert callable(res._elbo)
+    # The repr summarizes, and does not compute the estimate.
+    text = repr(res)
+    assert "elbo=<computed on first read of .elbo>" in text and "num_steps=400" in text
+    assert "MultivariateNormal(batch_shape=(), event_shape=(3,))" in text
+    assert deferred[0]._executable is None and callable(res._elbo)
     est = res.elbo
     assert isinstance(est, vi.Estimate) and res.elbo is est  # computed once, then kept
+    assert f"elbo={float(est.mean):.6g} ± " in repr(res)
     assert deferred[0]._executable is not None
     # The same estimate (same key, same draws) as the single executable of the same fit.
     eager = vi.fit(gauss3.target, "fullrank", progress=False, **kw)
@@ -431,6 +437,8 @@ def test_fit_many_matches_each_exact_posterior():
     res = vi.fit_many(make, X, y, family="fullrank", key=jax.random.key(15), progress=False)
     assert res.posterior.batch_shape == (4,) and res.posterior.event_shape == (2,)
     assert res.num_steps.shape == (4,) and res.converged.all()
+    steps = ", ".join(str(int(n)) for n in res.num_steps)
+    assert f"num_steps=[{steps}]" in repr(res) and "batch_shape=(4,)" in repr(res)
     for i in range(4):
         post = exact.linear_regression(X[i], y[i]).posterior
         q_i = dist.MultivariateNormal(res.posterior.loc[i], scale_tril=res.posterior.scale_tril[i])

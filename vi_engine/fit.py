@@ -683,6 +683,22 @@ class FitResult:
             object.__setattr__(self, "_elbo", value)  # computed once (the result is frozen)
         return value
 
+    def __repr__(self):
+        # A summary: the dataclass default printed every array (params, losses) in full, and
+        # not the ELBO. Reading the repr never computes a pending ELBO (a compilation).
+        elbo = self._elbo
+        if isinstance(elbo, _PendingEstimate):
+            elbo = "<computed on first read of .elbo>"
+        elif isinstance(elbo, Estimate):
+            elbo = f"{_fmt(elbo.mean)} ± {_fmt(elbo.stderr)}"
+        post = self.posterior
+        shapes = f"batch_shape={tuple(post.batch_shape)}, event_shape={tuple(post.event_shape)}"
+        return (
+            f"FitResult(family={self.family.name!r}, status={_fmt(self.status)}, "
+            f"num_steps={_fmt(self.num_steps)}, elbo={elbo}, "
+            f"posterior={type(post).__name__}({shapes}), target={getattr(self.target, 'name', '?')!r})"
+        )
+
     def sample(self, key, num_samples):
         """Draws from q: a dict of constrained values per site for NumPyro targets (with
         deterministic sites), else ``(num_samples, *batch, dim)`` unconstrained draws."""
@@ -690,6 +706,14 @@ class FitResult:
         if getattr(self.target, "site_names", ()):
             return self.target.constrain(z)
         return z
+
+
+def _fmt(x):
+    """A scalar as a short string; an array (fit_many) as its values, abbreviated by numpy."""
+    x = np.asarray(x)
+    if x.ndim == 0:
+        return f"{x.item():.6g}" if x.dtype.kind == "f" else repr(x.item())
+    return np.array2string(x, threshold=6, precision=6, separator=", ", max_line_width=10**6)
 
 
 def _check_common(target, key, num_samples, tol, num_steps, max_steps, num_elbo_samples):
