@@ -272,6 +272,35 @@ def test_compile_effort_follows_the_window_flop_count(monkeypatch):
     assert int(state.step) == 200
 
 
+def _logistic(x, y):
+    def log_density(z, x, y):
+        logits = x @ z
+        return jnp.sum(y * logits - jnp.logaddexp(0.0, logits)) - 0.5 * jnp.sum(z**2)
+
+    return vi.Target.from_log_density(log_density, x.shape[-1], data=(x, y))
+
+
+def test_single_executable_effort_is_per_problem():
+    # The single executable of tol=None gets the tiers of a window; their limits are per
+    # problem, so many small problems side by side get the cheaper compilation (same speed,
+    # measured) while one large problem keeps XLA's defaults.
+    def effort(batch, n, d, family):
+        fit_module.clear_caches()
+        x = jax.random.normal(jax.random.key(3), (batch, n, d))
+        y = (x[..., 0] > 0).astype(x.dtype)
+        kw = dict(key=jax.random.key(4), num_steps=20, tol=None, progress=False,
+                  num_elbo_samples=0)
+        if batch > 1:
+            vi.fit_many(_logistic, x, y, family=family, **kw)
+        else:
+            vi.fit(_logistic(x[0], y[0]), family, **kw)
+        (fixed,) = [f for sig, f in fit_module._EXECUTABLES.items() if sig[0][0] == "fixed"]
+        return fixed.effort
+
+    assert effort(500, 50, 3, "meanfield") == "fast"  # ~40k flops per problem and step
+    assert effort(1, 2000, 100, "fullrank") == "full"  # ~1.4M
+
+
 @pytest.mark.parametrize("fixed", [False, True], ids=["windows", "single-executable"])
 def test_presampled_noise_gives_the_same_fit(gauss3, fixed, monkeypatch):
     # A window's noise drawn before its steps (within budget) or by each step (beyond): the
