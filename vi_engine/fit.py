@@ -24,13 +24,14 @@ parameters, and the result says at which step and why.
 Compilation (what a first call costs, measured on 2 CPU cores). Nothing runs eagerly: keys are
 split, parameters initialized and the posterior distribution built inside compiled code (eager
 ops each compile a small program: they had cost 3 s of a 5.4 s first fit). With ``tol=None``
-and no progress bar the whole fit (setup, steps, final ELBO) is ONE executable, which is what
+and no progress bar the whole fit (setup, steps, posterior) is ONE executable, which is what
 ``fit_many`` and short fixed-step fits want. Until convergence, three executables (setup, window,
-posterior) are compiled ahead of time on a worker thread and cached by signature; a fourth, the
-final ELBO estimate, is lowered with them and compiled when ``FitResult.elbo`` is first read. The
-compile effort follows how much a program will run (``vi_engine/_compile.py``): least for the
-setup, the posterior and the final ELBO, less for windows of cheap steps (a linear regression's
-window: 1.0 s instead of 2.2 s). Python's cyclic GC is paused while programs are traced and
+posterior) are compiled ahead of time on a worker thread and cached by signature. On both paths
+the final ELBO estimate is a program of its own, lowered with the fit and compiled when
+``FitResult.elbo`` is first read. The compile effort follows how much a program will run
+(``vi_engine/_compile.py``): least for the setup, the posterior and the final ELBO, less for
+windows (and single executables) of cheap steps per problem (a linear regression's window: 1.0 s
+instead of 2.2 s; 1000 small logistic regressions in fit_many: 0.44 s instead of 0.97 s). Python's cyclic GC is paused while programs are traced and
 lowered (``_compile.gc_paused``).
 """
 
@@ -395,8 +396,8 @@ def _setup_fn(family, optimizer, dim, dtype, batch):
     return setup
 
 
-def _final_fn(family, num_samples, batched):
-    """``final(key, params, target) -> (Estimate, posterior parts)``, uncompiled.
+def _final_fn(family):
+    """``final(params) -> posterior parts``, uncompiled.
 
     The posterior distribution is built inside the compiled code too: numpyro distributions are
     pytrees, and building a ``MultivariateNormal`` eagerly (with numpyro's argument validation,
@@ -404,14 +405,9 @@ def _final_fn(family, num_samples, batched):
     ``_posterior`` assembles the parts.
     """
 
-    estimate = _estimate_fn(family, num_samples, batched)
-
-    def final(key, params, target):
+    def final(params):
         posterior = family.to_distribution(params)
-        parts = posterior, _lazy_moments(posterior)
-        if num_samples == 0:  # the caller asked for no final estimate (or asks for it later)
-            return None, parts
-        return estimate(key, params, target), parts
+        return posterior, _lazy_moments(posterior)
 
     return final
 
@@ -449,8 +445,8 @@ def _compiled_setup(family, optimizer, dim, dtype, batch):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_final(family, num_samples, batched):
-    return jax.jit(_final_fn(family, num_samples, batched))
+def _compiled_final(family):
+    return jax.jit(_final_fn(family))
 
 
 @functools.lru_cache(maxsize=64)
@@ -459,24 +455,25 @@ def _compiled_estimate(family, num_samples, batched):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_fixed(cfg: _Config, batch, dim, dtype, num_elbo_samples):
-    """Setup, all steps and the final ELBO/posterior as one executable (``tol=None``, no
-    progress bar): one compilation and one dispatch, so a short fit costs what a hand-written
-    ``lax.scan`` costs."""
+def _compiled_fixed(cfg: _Config, batch, dim, dtype):
+    """Setup, all steps and the posterior as one executable (``tol=None``, no progress bar): one
+    compilation and one dispatch, so a short fit costs what a hand-written ``lax.scan`` costs.
+    The final ELBO is not in it: a separate program, compiled when first read, as on the path
+    of windows (see ``_final_executables``); its 1000 draws would otherwise dominate XLA's flop
+    count, by which the compile effort is chosen."""
     setup = _setup_fn(cfg.family, cfg.optimizer, dim, dtype, batch)
     run = _make_window(cfg, skip_when_done=False)
     if batch is not None:
         run = _over_problems(run)
-    final = _final_fn(cfg.family, num_elbo_samples, batch is not None)
+    final = _final_fn(cfg.family)
 
     def program(key, target, init_params, tol, max_steps):
         state, k_run, k_final = setup(key, init_params)
         state, losses = run(state, k_run, target, tol, max_steps)
-        estimate, parts = final(k_final, state.params, target)
         # Only what the result needs: every output buffer costs dispatch time on each call.
         # (A rolled-back run restarts from the setup state, which ``fit`` can rebuild.)
         info = (state.step, state.status, state.bad_step)
-        return state.params, info, losses, estimate, parts
+        return state.params, info, losses, k_final, final(state.params)
 
     return jax.jit(program)
 
@@ -574,29 +571,39 @@ def _final_executables(family, num_samples, batched, key, params, target, compil
     sees the JAX configuration of the fit (x64, matmul precision) wherever it is read.
     """
     posterior = _executable(
-        _compiled_final(family, 0, batched), ("final", family, 0, batched),
-        key, params, target, effort=_compile.ONCE, compile_there=compile_there,
+        _compiled_final(family), ("final", family), params,
+        effort=_compile.ONCE, compile_there=compile_there,
     )
+    return posterior, _estimate_executable(family, num_samples, batched, key, params, target)
+
+
+def _estimate_executable(family, num_samples, batched, key, params, target):
+    """The future (``_Deferred``) of the compiled final ELBO estimate, or ``None`` with
+    ``num_samples=0``. See ``_final_executables``."""
     if num_samples == 0:
-        return posterior, None
-    estimate = _executable(
+        return None
+    return _executable(
         _compiled_estimate(family, num_samples, batched), ("elbo", family, num_samples, batched),
         key, params, target, effort=_compile.ONCE, compile_there="deferred",
     )
-    return posterior, estimate
+
+
+def _pending(estimate, k_final, params, target):
+    """``FitResult``'s ELBO from the future of ``_estimate_executable``: a ``_PendingEstimate``,
+    or ``None``."""
+    if estimate is None:
+        return None
+    # On the device now: a NumPy leaf of the target would otherwise get its dtype from the x64
+    # mode in force when .elbo is read (not the one the estimate was compiled for), and its
+    # values then (a caller may have changed the array in place since).
+    return _PendingEstimate(estimate, jax.device_put((k_final, params, target)))
 
 
 def _finish(final, k_final, params, target):
     """``(estimate, posterior parts)`` from ``_final_executables``' futures; the estimate is a
     ``_PendingEstimate`` (see ``FitResult.elbo``) or ``None``."""
     posterior, estimate = final
-    _, parts = posterior.result()(k_final, params, target)
-    if estimate is None:
-        return None, parts
-    # On the device now: a NumPy leaf of the target would otherwise get its dtype from the x64
-    # mode in force when .elbo is read (not the one the estimate was compiled for), and its
-    # values then (a caller may have changed the array in place since).
-    return _PendingEstimate(estimate, jax.device_put((k_final, params, target))), parts
+    return _pending(estimate, k_final, params, target), posterior.result()(params)
 
 
 class _PendingEstimate:
@@ -667,7 +674,7 @@ class FitResult:
       elbo: ``Estimate(mean, stderr)`` of the final ELBO (``num_elbo_samples`` draws, with a
         key split from the fit's, so it is reproducible), or ``None`` with
         ``num_elbo_samples=0``. Computed when first read (then kept): a fit until convergence
-        compiles its estimate only if it is used (0.1-0.15 s on a first fit of a small problem).
+        compiles its estimate only if it is read (0.1-0.15 s on a first fit of a small problem).
         Copying or pickling a result computes it. (It is a property: construct a ``FitResult``
         with ``_elbo=`` rather than ``elbo=``.)
       num_steps: steps actually run. converged: the stopping rule fired.
@@ -887,9 +894,9 @@ def fit(
 
 
 class _Run(NamedTuple):
-    """What ``_optimize`` returns. ``info``: host ``(steps, status, bad_steps)``; ``estimate`` and
-    ``parts`` come from the single executable (``final`` and ``k_final`` are then None), else
-    ``final`` holds the futures of ``_final_executables``; ``start()`` gives the state, run key
+    """What ``_optimize`` returns. ``info``: host ``(steps, status, bad_steps)``; on the
+    single-executable path ``estimate`` (a ``_PendingEstimate`` or None) and ``parts`` are set
+    (``final`` and ``k_final`` are then None), else ``final`` holds the futures of ``_final_executables``; ``start()`` gives the state, run key
     and final key that a NaN replay starts from (on the single-executable path the setup state,
     where its one rolled-back window starts); ``fixed_effort`` is the compile effort of the single
     executable (``None`` on the window path), which its NaN replay is compiled with."""
@@ -914,11 +921,15 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
         # the per-step work decides it (_window_tiers), not the number of steps.
         args = (key, target, init_params, tol_arr, cap_arr)
         compiled = _executable(
-            _compiled_fixed(cfg, batch, dim, dtype, num_elbo_samples),
-            ("fixed", cfg, batch, dim, dtype, num_elbo_samples), *args,
+            _compiled_fixed(cfg, batch, dim, dtype), ("fixed", cfg, batch, dim, dtype), *args,
             effort=_window_tiers(cfg, dim, batch, dtype),
         )
-        params, info, losses, estimate, parts = compiled.result()(*args)
+        params, info, losses, k_final, parts = compiled.result()(*args)
+        estimate = _pending(
+            _estimate_executable(cfg.family, num_elbo_samples, batch is not None, k_final,
+                                 params, target),
+            k_final, params, target,
+        )
 
         def start():  # rolled back to the setup state: rebuild it (same key, same state)
             return _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)(key,
