@@ -284,11 +284,11 @@ def test_single_executable_effort_is_per_problem():
     # The single executable of tol=None gets the tiers of a window; their limits are per
     # problem, so many small problems side by side get the cheaper compilation (same speed,
     # measured) while one large problem keeps XLA's defaults.
-    def effort(batch, n, d, family):
+    def effort(batch, n, d, family, steps=20):
         fit_module.clear_caches()
         x = jax.random.normal(jax.random.key(3), (batch, n, d))
         y = (x[..., 0] > 0).astype(x.dtype)
-        kw = dict(key=jax.random.key(4), num_steps=20, tol=None, progress=False,
+        kw = dict(key=jax.random.key(4), num_steps=steps, tol=None, progress=False,
                   num_elbo_samples=0)
         if batch > 1:
             vi.fit_many(_logistic, x, y, family=family, **kw)
@@ -299,6 +299,31 @@ def test_single_executable_effort_is_per_problem():
 
     assert effort(500, 50, 3, "meanfield") == "fast"  # ~40k flops per problem and step
     assert effort(1, 2000, 100, "fullrank") == "full"  # ~1.4M
+    # Neither the number of steps nor the posterior's size decides it: a long fit of a tiny
+    # problem, and a full-rank d=45 fit whose covariance alone is 2 d^3 = 182k flops.
+    assert effort(1, 50, 3, "meanfield", steps=10_000) == "fast"
+    assert effort(1, 50, 45, "fullrank", steps=200) == "fast"
+
+
+def test_flops_outside_the_step_are_xla_s_own_count():
+    # Per step of a window, outside the step itself (its key, the checks of its loss): the
+    # slope of XLA's count of a single executable in its number of steps, in both precisions.
+    target = _logistic(jax.random.normal(jax.random.key(0), (50, 3)), jnp.ones(50))
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            flops = []
+            for steps in (1000, 3000):
+                _, cfg, cap, _ = fit_module._configure("meanfield", "elbo", None, None, steps,
+                                                       None, False, vi.StoppingRule(), 20_000)
+                cfg = fit_module._with_presample(cfg, 3, None, jax.random.key(0))  # as fit
+                assert cfg.presample
+                dtype = fit_module._dtype()
+                tol, cap = fit_module._scalars(None, cap, dtype)
+                program = fit_module._compiled_fixed(cfg, None, 3, dtype)
+                args = (jax.random.key(0), target, None, tol, cap)
+                noise = fit_module._NORMAL_FLOPS[jnp.dtype(dtype).itemsize] * steps * 3
+                flops.append(program.lower(*args).cost_analysis()["flops"] - noise)
+            assert (flops[1] - flops[0]) / 2000 == fit_module._STEP_FLOPS
 
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["windows", "single-executable"])
@@ -500,6 +525,10 @@ def test_fit_many_stops_only_the_problems_that_hit_a_nan(fixed_steps):
     assert float(res.posterior.mean[0, 0]) > 1.0 and float(res.posterior.mean[2, 0]) > 1.0
     for i in (0, 2):
         assert bool(jnp.all(jnp.isfinite(res.losses[i, : res.num_steps[i]])))
+    # The replay was compiled with the effort of the program whose steps it repeats.
+    efforts = {sig[0][0]: f.effort for sig, f in fit_module._EXECUTABLES.items()
+               if sig[0][0] in ("fixed", "window", "replay")}
+    assert efforts["replay"] == efforts["fixed" if fixed_steps else "window"]
 
 
 def test_fit_many_rejects_mismatched_batches():

@@ -24,14 +24,15 @@ parameters, and the result says at which step and why.
 Compilation (what a first call costs, measured on 2 CPU cores). Nothing runs eagerly: keys are
 split, parameters initialized and the posterior distribution built inside compiled code (eager
 ops each compile a small program: they had cost 3 s of a 5.4 s first fit). With ``tol=None``
-and no progress bar the whole fit (setup, steps, posterior) is ONE executable, which is what
-``fit_many`` and short fixed-step fits want. Until convergence, three executables (setup, window,
-posterior) are compiled ahead of time on a worker thread and cached by signature. On both paths
-the final ELBO estimate is a program of its own, lowered with the fit and compiled when
+and no progress bar the setup and every step are ONE executable, which is what ``fit_many`` and
+short fixed-step fits want; until convergence, the setup and the window are two, compiled ahead
+of time on a worker thread and cached by signature. On both paths the posterior is a small
+program of its own, and so is the final ELBO estimate, lowered with the fit and compiled when
 ``FitResult.elbo`` is first read. The compile effort follows how much a program will run
 (``vi_engine/_compile.py``): least for the setup, the posterior and the final ELBO, less for
-windows (and single executables) of cheap steps per problem (a linear regression's window: 1.0 s
-instead of 2.2 s; 1000 small logistic regressions in fit_many: 0.44 s instead of 0.97 s). Python's cyclic GC is paused while programs are traced and
+windows (and single executables) of cheap steps per problem (a linear regression's window:
+1.0 s instead of 2.2 s; 1000 small logistic regressions in fit_many: 0.44 s instead of 0.97 s).
+Python's cyclic GC is paused while programs are traced and
 lowered (``_compile.gc_paused``).
 """
 
@@ -148,6 +149,11 @@ _PRESAMPLE_BUDGET = 2**22
 # pre-drawn noise of a window runs once per window, not per step, so it is not counted when the
 # window's compile effort is chosen by its per-step flops (``_window_tiers``).
 _NORMAL_FLOPS = {4: 71, 8: 137}
+# XLA's flops per step outside the step itself (its key, the window's checks of its loss), once
+# per step of a window rather than once per program: 43 on jax 0.10, in either precision
+# (tests/test_fit.py checks it). Not counted either, for the same reason; it matters for the
+# single executable of ``tol=None``, whose window is all its steps (430k flops at 10,000 steps).
+_STEP_FLOPS = 43
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +213,8 @@ def _noise_size(cfg, dim, batch):
 def _window_tiers(cfg, dim, batch, dtype):
     """The compile-effort tiers of ``cfg``'s window (``_compile.WINDOW``): their flop limits are
     per problem (times ``batch`` for a batch of problems), raised by the flops of the window's
-    pre-drawn noise.
+    pre-drawn noise and of its steps' keys and checks (``_STEP_FLOPS``), so that only the step
+    itself counts.
 
     Per problem, not per program: what makes the cheaper code slower is a large problem
     (full-rank d=100: 2.4x slower per step), not many small ones side by side. Measured on 2
@@ -218,6 +225,7 @@ def _window_tiers(cfg, dim, batch, dtype):
     """
     per_draw = _NORMAL_FLOPS.get(jnp.dtype(dtype).itemsize, max(_NORMAL_FLOPS.values()))
     extra = per_draw * _noise_size(cfg, dim, batch) if cfg.presample else 0
+    extra += _STEP_FLOPS * cfg.window * (batch or 1)
     return tuple((effort, limit * (batch or 1) + extra) for effort, limit in _compile.WINDOW)
 
 
@@ -422,7 +430,7 @@ def _estimate_fn(family, num_samples, batched):
 
 
 # numpyro computes these on first access, eagerly: for a full-rank posterior the covariance
-# was one more small program to compile (0.1 s, measured). Computed with the final ELBO instead,
+# was one more small program to compile (0.1 s, measured). Computed in the posterior program,
 # for MultivariateNormal only: it already holds a d x d factor, whereas a low-rank posterior's
 # covariance would be O(d^2) memory for O(d * rank) parameters.
 def _lazy_moments(posterior):
@@ -456,16 +464,16 @@ def _compiled_estimate(family, num_samples, batched):
 
 @functools.lru_cache(maxsize=64)
 def _compiled_fixed(cfg: _Config, batch, dim, dtype):
-    """Setup, all steps and the posterior as one executable (``tol=None``, no progress bar): one
-    compilation and one dispatch, so a short fit costs what a hand-written ``lax.scan`` costs.
-    The final ELBO is not in it: a separate program, compiled when first read, as on the path
-    of windows (see ``_final_executables``); its 1000 draws would otherwise dominate XLA's flop
-    count, by which the compile effort is chosen."""
+    """Setup and all steps as one executable (``tol=None``, no progress bar): one compilation
+    and one dispatch, so a short fit costs what a hand-written ``lax.scan`` costs. The posterior
+    and the final ELBO are the programs of the window path (``_final_executables``): in here
+    they would count in XLA's flops, by which the compile effort is chosen (the ELBO's 1000
+    draws, a full-rank covariance's 2 d^3), and a posterior program depends on the parameters'
+    shapes only, so every fit of a family shares it."""
     setup = _setup_fn(cfg.family, cfg.optimizer, dim, dtype, batch)
     run = _make_window(cfg, skip_when_done=False)
     if batch is not None:
         run = _over_problems(run)
-    final = _final_fn(cfg.family)
 
     def program(key, target, init_params, tol, max_steps):
         state, k_run, k_final = setup(key, init_params)
@@ -473,7 +481,7 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype):
         # Only what the result needs: every output buffer costs dispatch time on each call.
         # (A rolled-back run restarts from the setup state, which ``fit`` can rebuild.)
         info = (state.step, state.status, state.bad_step)
-        return state.params, info, losses, k_final, final(state.params)
+        return state.params, info, losses, k_final
 
     return jax.jit(program)
 
@@ -574,36 +582,26 @@ def _final_executables(family, num_samples, batched, key, params, target, compil
         _compiled_final(family), ("final", family), params,
         effort=_compile.ONCE, compile_there=compile_there,
     )
-    return posterior, _estimate_executable(family, num_samples, batched, key, params, target)
-
-
-def _estimate_executable(family, num_samples, batched, key, params, target):
-    """The future (``_Deferred``) of the compiled final ELBO estimate, or ``None`` with
-    ``num_samples=0``. See ``_final_executables``."""
     if num_samples == 0:
-        return None
-    return _executable(
+        return posterior, None
+    estimate = _executable(
         _compiled_estimate(family, num_samples, batched), ("elbo", family, num_samples, batched),
         key, params, target, effort=_compile.ONCE, compile_there="deferred",
     )
-
-
-def _pending(estimate, k_final, params, target):
-    """``FitResult``'s ELBO from the future of ``_estimate_executable``: a ``_PendingEstimate``,
-    or ``None``."""
-    if estimate is None:
-        return None
-    # On the device now: a NumPy leaf of the target would otherwise get its dtype from the x64
-    # mode in force when .elbo is read (not the one the estimate was compiled for), and its
-    # values then (a caller may have changed the array in place since).
-    return _PendingEstimate(estimate, jax.device_put((k_final, params, target)))
+    return posterior, estimate
 
 
 def _finish(final, k_final, params, target):
     """``(estimate, posterior parts)`` from ``_final_executables``' futures; the estimate is a
     ``_PendingEstimate`` (see ``FitResult.elbo``) or ``None``."""
     posterior, estimate = final
-    return _pending(estimate, k_final, params, target), posterior.result()(params)
+    parts = posterior.result()(params)
+    if estimate is None:
+        return None, parts
+    # On the device now: a NumPy leaf of the target would otherwise get its dtype from the x64
+    # mode in force when .elbo is read (not the one the estimate was compiled for), and its
+    # values then (a caller may have changed the array in place since).
+    return _PendingEstimate(estimate, jax.device_put((k_final, params, target))), parts
 
 
 class _PendingEstimate:
@@ -673,8 +671,8 @@ class FitResult:
         after a non-finite step, the losses of the rolled-back steps).
       elbo: ``Estimate(mean, stderr)`` of the final ELBO (``num_elbo_samples`` draws, with a
         key split from the fit's, so it is reproducible), or ``None`` with
-        ``num_elbo_samples=0``. Computed when first read (then kept): a fit until convergence
-        compiles its estimate only if it is read (0.1-0.15 s on a first fit of a small problem).
+        ``num_elbo_samples=0``. Computed when first read (then kept): a fit compiles its
+        estimate only if it is read (0.1-0.15 s on a first fit of a small problem).
         Copying or pickling a result computes it. (It is a property: construct a ``FitResult``
         with ``_elbo=`` rather than ``elbo=``.)
       num_steps: steps actually run. converged: the stopping rule fired.
@@ -716,7 +714,8 @@ class FitResult:
         return (
             f"FitResult(family={self.family.name!r}, status={_fmt(self.status)}, "
             f"num_steps={_fmt(self.num_steps)}, elbo={elbo}, "
-            f"posterior={type(post).__name__}({shapes}), target={getattr(self.target, 'name', '?')!r})"
+            f"posterior={type(post).__name__}({shapes}), "
+            f"target={getattr(self.target, 'name', '?')!r})"
         )
 
     def sample(self, key, num_samples):
@@ -774,7 +773,7 @@ def _plan(num_steps, tol, progress, rule, max_steps):
 
     With ``tol`` set, the cap is checked after each window (a fit may overrun it by less than one
     window); with ``tol=None`` exactly ``num_steps`` steps run (without a progress bar: one
-    window, which ``fit`` compiles with the setup and the final ELBO into a single executable).
+    window, which ``fit`` compiles with the setup into a single executable).
     """
     cap = num_steps if num_steps is not None else max_steps
     if tol is None:
@@ -844,7 +843,7 @@ def fit(
       init_params: start from these parameters instead of ``family.init``.
       stopping: a ``vi.StoppingRule`` (window, patience, factor, max_decays, z).
       num_elbo_samples: draws for the final ELBO estimate; ``0`` skips it (``elbo`` is then
-        ``None``), which saves its compilation on a first call.
+        ``None``). It is compiled only when read either way; ``0`` saves lowering it.
 
     Returns:
       ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
@@ -876,9 +875,7 @@ def fit(
     message = _message(status, step, bad_step, cap)
     if status == NONFINITE:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
-    estimate, parts = run.estimate, run.parts
-    if final is not None:
-        estimate, parts = _finish(final, k_final, params, target)
+    estimate, parts = _finish(final, k_final, params, target)
     return FitResult(
         posterior=_posterior(parts),
         params=params,
@@ -894,18 +891,15 @@ def fit(
 
 
 class _Run(NamedTuple):
-    """What ``_optimize`` returns. ``info``: host ``(steps, status, bad_steps)``; on the
-    single-executable path ``estimate`` (a ``_PendingEstimate`` or None) and ``parts`` are set
-    (``final`` and ``k_final`` are then None), else ``final`` holds the futures of ``_final_executables``; ``start()`` gives the state, run key
-    and final key that a NaN replay starts from (on the single-executable path the setup state,
-    where its one rolled-back window starts); ``fixed_effort`` is the compile effort of the single
-    executable (``None`` on the window path), which its NaN replay is compiled with."""
+    """What ``_optimize`` returns. ``info``: host ``(steps, status, bad_steps)``; ``final``: the
+    futures of ``_final_executables``; ``start()`` gives the state, run key and final key that a
+    NaN replay starts from (on the single-executable path the setup state, where its one
+    rolled-back window starts); ``fixed_effort`` is the compile effort of the single executable
+    (``None`` on the window path), which its NaN replay is compiled with."""
 
     params: Any
     info: tuple
     chunks: list
-    estimate: Any
-    parts: Any
     final: Any
     k_final: Any
     start: Any
@@ -924,18 +918,15 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
             _compiled_fixed(cfg, batch, dim, dtype), ("fixed", cfg, batch, dim, dtype), *args,
             effort=_window_tiers(cfg, dim, batch, dtype),
         )
-        params, info, losses, k_final, parts = compiled.result()(*args)
-        estimate = _pending(
-            _estimate_executable(cfg.family, num_elbo_samples, batch is not None, k_final,
-                                 params, target),
-            k_final, params, target,
-        )
+        params, info, losses, k_final = compiled.result()(*args)
+        final = _final_executables(cfg.family, num_elbo_samples, batch is not None, k_final,
+                                   params, target)
 
         def start():  # rolled back to the setup state: rebuild it (same key, same state)
             return _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)(key,
                                                                                   init_params)
 
-        return _Run(params, jax.device_get(info), [losses], estimate, parts, None, None, start,
+        return _Run(params, jax.device_get(info), [losses], final, k_final, start,
                     compiled.effort)
     started, window, final = _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr,
                                       cap_arr, num_elbo_samples)
@@ -943,8 +934,8 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
     state, chunks = _drive(window, batch is not None, state, k_run, target, tol_arr, cap_arr,
                            per_sync, progress, desc)
     info = jax.device_get((state.step, state.status, state.bad_step))
-    return _Run(state.params, info, chunks, None, None, final, k_final,
-                lambda: (state, k_run, k_final), None)
+    return _Run(state.params, info, chunks, final, k_final, lambda: (state, k_run, k_final),
+                None)
 
 
 def _scalars(tol, cap, dtype):
@@ -1023,8 +1014,8 @@ def _replay_executable(cfg, batched, fixed_effort, running, key, target, tol_arr
         effort = _compile.choose(window, _window_tiers(cfg, target.dim, batch, tol_arr.dtype))
     masked = cfg._replace(mask_steps=True)
     return _executable(
-        _compiled_window(masked, batched, cap_per_problem=batched), ("replay", masked, batched),
-        running, key, target, tol_arr, limit, effort=effort,
+        _compiled_window(masked, batched, cap_per_problem=batched),
+        ("replay", masked, batched, effort), running, key, target, tol_arr, limit, effort=effort,
     ).result()
 
 
@@ -1157,9 +1148,7 @@ def fit_many(
             "targets' log density for overflow"
         )
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
-    estimate, parts = run.estimate, run.parts
-    if final is not None:
-        estimate, parts = _finish(final, k_final, params, targets)
+    estimate, parts = _finish(final, k_final, params, targets)
     return FitResult(
         posterior=_posterior(parts),
         params=params,
