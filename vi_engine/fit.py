@@ -144,16 +144,19 @@ class _Config(NamedTuple):
 # steps; beyond, each step draws its own. At the limit XLA's temporaries grow by about 72 MiB
 # (measured, float32 and float64).
 _PRESAMPLE_BUDGET = 2**22
-# XLA's flop count of one standard-normal draw (threefry and the inverse erf), by item size:
-# measured on jax 0.10, 71 in float32 and 137 in float64 (tests/test_fit.py checks them). The
-# pre-drawn noise of a window runs once per window, not per step, so it is not counted when the
-# window's compile effort is chosen by its per-step flops (``_window_tiers``).
+# What XLA counts once per step of a window, not once per program as the step itself (a scan
+# body counts once): so it is not counted when the window's compile effort is chosen by its
+# per-step flops (``_window_tiers``). It matters for the single executable of ``tol=None``,
+# whose window is all its steps. Measured on jax 0.10 (tests/test_fit.py checks them) for
+# threefry keys with ``jax_threefry_partitionable`` on (jax's default) only; for other random
+# setups nothing is allowed, which leans towards XLA's full effort (other setups count less:
+# an ``unsafe_rbg`` step 20 flops, a partitionable-off normal 58).
+# - one standard-normal draw of the pre-drawn noise (threefry and the inverse erf), by item
+#   size: 71 in float32, 137 in float64;
+# - the step's key and the window's checks of its loss: 43 with pre-drawn noise, 41 without,
+#   in either precision (430k flops at 10,000 steps).
 _NORMAL_FLOPS = {4: 71, 8: 137}
-# XLA's flops per step outside the step itself (its key, the window's checks of its loss), once
-# per step of a window rather than once per program: 43 on jax 0.10, in either precision
-# (tests/test_fit.py checks it). Not counted either, for the same reason; it matters for the
-# single executable of ``tol=None``, whose window is all its steps (430k flops at 10,000 steps).
-_STEP_FLOPS = 43
+_STEP_FLOPS = {True: 43, False: 41}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,8 +204,12 @@ def _with_presample(cfg, dim, batch, key):
         owner = next(c for c in type(family).__mro__ if "from_noise" in vars(c))
         ok = all(getattr(type(family), m) is getattr(owner, m)
                  for m in ("noise", "sample", "sample_and_log_prob"))
-    ok = ok and str(jax.random.key_impl(key)) == "threefry2x32"
+    ok = ok and _is_threefry(key)
     return cfg._replace(presample=bool(ok and _noise_size(cfg, dim, batch) <= _PRESAMPLE_BUDGET))
+
+
+def _is_threefry(key):
+    return str(jax.random.key_impl(key)) == "threefry2x32"
 
 
 def _noise_size(cfg, dim, batch):
@@ -210,7 +217,7 @@ def _noise_size(cfg, dim, batch):
     return cfg.window * cfg.num_samples * dim * (batch or 1)
 
 
-def _window_tiers(cfg, dim, batch, dtype):
+def _window_tiers(cfg, dim, batch, dtype, key):
     """The compile-effort tiers of ``cfg``'s window (``_compile.WINDOW``): their flop limits are
     per problem (times ``batch`` for a batch of problems), raised by the flops of the window's
     pre-drawn noise and of its steps' keys and checks (``_STEP_FLOPS``), so that only the step
@@ -223,9 +230,12 @@ def _window_tiers(cfg, dim, batch, dtype):
     (full-rank) and ran at the same speed; B=100 mean-field (N=1000, d=10) 0.51 vs 1.78 s, same
     speed; B=100 full-rank (N=200, d=20) 0.60 vs 1.30 s, and ran 11% faster.
     """
-    per_draw = _NORMAL_FLOPS.get(jnp.dtype(dtype).itemsize, max(_NORMAL_FLOPS.values()))
-    extra = per_draw * _noise_size(cfg, dim, batch) if cfg.presample else 0
-    extra += _STEP_FLOPS * cfg.window * (batch or 1)
+    extra = 0
+    measured = jax.config.jax_threefry_partitionable and _is_threefry(key)
+    itemsize = jnp.dtype(dtype).itemsize
+    if measured and itemsize in _NORMAL_FLOPS:
+        extra += _NORMAL_FLOPS[itemsize] * _noise_size(cfg, dim, batch) if cfg.presample else 0
+        extra += _STEP_FLOPS[cfg.presample] * cfg.window * (batch or 1)
     return tuple((effort, limit * (batch or 1) + extra) for effort, limit in _compile.WINDOW)
 
 
@@ -646,7 +656,7 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
     window = _executable(
         _compiled_window(cfg, batched), ("window", cfg, batched),
         state, k_run, target, tol_arr, cap_arr, compile_there=True,
-        effort=_window_tiers(cfg, dim, batch, dtype),
+        effort=_window_tiers(cfg, dim, batch, dtype, key),
     )
     setup = _executable(
         jitted_setup, ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
@@ -916,11 +926,15 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
         args = (key, target, init_params, tol_arr, cap_arr)
         compiled = _executable(
             _compiled_fixed(cfg, batch, dim, dtype), ("fixed", cfg, batch, dim, dtype), *args,
-            effort=_window_tiers(cfg, dim, batch, dtype),
+            effort=_window_tiers(cfg, dim, batch, dtype, key),
         )
-        params, info, losses, k_final = compiled.result()(*args)
-        final = _final_executables(cfg.family, num_elbo_samples, batch is not None, k_final,
-                                   params, target)
+        program = compiled.result()
+        # The posterior and the final ELBO are lowered before the steps run (from the output
+        # shapes), so that a family that cannot build them (a batched flow) fails first.
+        params_info, _, _, k_final_info = program.out_info
+        final = _final_executables(cfg.family, num_elbo_samples, batch is not None,
+                                   k_final_info, params_info, target)
+        params, info, losses, k_final = program(*args)
 
         def start():  # rolled back to the setup state: rebuild it (same key, same state)
             return _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)(key,
@@ -1011,7 +1025,8 @@ def _replay_executable(cfg, batched, fixed_effort, running, key, target, tol_arr
         cap = limit[0] if batched else limit
         window = _compiled_window(cfg, batched).lower(running, key, target, tol_arr, cap)
         batch = limit.shape[0] if batched else None
-        effort = _compile.choose(window, _window_tiers(cfg, target.dim, batch, tol_arr.dtype))
+        tiers = _window_tiers(cfg, target.dim, batch, tol_arr.dtype, key)
+        effort = _compile.choose(window, tiers)
     masked = cfg._replace(mask_steps=True)
     return _executable(
         _compiled_window(masked, batched, cap_per_problem=batched),
