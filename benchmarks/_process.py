@@ -5,13 +5,15 @@ Run as a script (not ``-m benchmarks...``, which would import the suite first):
     python benchmarks/_process.py N D vi_engine fullrank
     python benchmarks/_process.py N D blackjax fullrank NUM_SAMPLES LR STEPS
     python benchmarks/_process.py N D numpyro fullrank NUM_PARTICLES LR STEPS
-    python benchmarks/_process.py N D jax fullrank LR STEPS
+    python benchmarks/_process.py N D jax fullrank LR STEPS [jit|fast]
 
 ``jax`` is the floor reference: what a hand-written script of the same estimator costs (STL,
 one draw per step, the same full-rank parameterization and initial scale as ``vi.FullRank``,
 Adam with b2 = 0.99), with the advantages of hindsight: a step count and a cosine schedule
 chosen knowing where KL(q‖p*) <= 1e-3 is reached, no stopping test, no NaN guard, no
 posterior object (so no numpyro import), the whole loop one ``lax.scan`` in one program.
+``jit`` (the default) compiles it as ``jax.jit`` does; ``fast`` with the cheaper XLA settings
+vi_engine uses for small programs (LLVM -O1, XLA's classic emitters: ``vi_engine/_compile.py``).
 
 Every method fits the same log density (Bayesian linear regression, prior N(0, I), σ = 1, the
 data of ``benchmarks.problems.linear_regression``). KL(q‖p*) is computed after the clock stops.
@@ -59,8 +61,10 @@ def main(argv):
 
         t_imp = time.perf_counter() - T0
         lr, steps = float(argv[4]), int(argv[5])
-        mean, cov = _handwritten_fullrank(lambda z: log_density(z, x, y), d, lr, steps)
-        info.update(steps=steps, lr=lr, schedule="cosine")
+        compile_mode = argv[6] if len(argv) > 6 else "jit"
+        mean, cov = _handwritten_fullrank(lambda z: log_density(z, x, y), d, lr, steps,
+                                          compile_mode)
+        info.update(steps=steps, lr=lr, schedule="cosine", compile=compile_mode)
     elif lib == "blackjax":
         import blackjax
         import optax
@@ -121,7 +125,7 @@ def main(argv):
     print(json.dumps(info))
 
 
-def _handwritten_fullrank(log_density, d, lr, steps):
+def _handwritten_fullrank(log_density, d, lr, steps, compile_mode):
     import jax
     import jax.numpy as jnp
     import optax
@@ -153,7 +157,13 @@ def _handwritten_fullrank(log_density, d, lr, steps):
         p = jax.lax.scan(step, (p, opt.init(p)), keys)[0][0]
         return p["loc"], scale_tril(p)
 
-    mean, lo = (np.asarray(a) for a in run(jax.random.key(0)))
+    key = jax.random.key(0)
+    if compile_mode == "fast":
+        options = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
+        run = run.lower(key).compile(compiler_options=options)
+    elif compile_mode != "jit":
+        raise SystemExit(f"unknown compile mode {compile_mode!r}")
+    mean, lo = (np.asarray(a) for a in run(key))
     return mean, lo @ lo.T
 
 

@@ -111,7 +111,9 @@ def test_only_and_bad_name():
     assert proc.returncode == 2 and "unknown case" in proc.stderr
 
 
-@pytest.mark.parametrize("args", [["vi_engine", "fullrank"], ["jax", "fullrank", "0.05", "1200"]])
+@pytest.mark.parametrize("args", [["vi_engine", "fullrank"],
+                                  ["jax", "fullrank", "0.05", "1200", "jit"],
+                                  ["jax", "fullrank", "0.05", "1200", "fast"]])
 def test_whole_process_script(args):
     """The whole-process runs of the suite (off in --tiny): vi_engine with its defaults, and the
     hand-written floor reference with the settings the suite uses, both reach KL <= 1e-3."""
