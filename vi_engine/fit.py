@@ -643,9 +643,9 @@ def clear_caches() -> None:
 
 def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
              num_elbo_samples):
-    """Start a fit that runs window by window: ``((state, run key, final key), compiled
-    window, futures of the compiled posterior and final ELBO)`` (``_final_executables``). See
-    ``_EXECUTABLES`` for the order."""
+    """Start a fit that runs window by window: ``((state, run key, final key), future of the
+    compiled window, futures of the compiled posterior and final ELBO)``
+    (``_final_executables``). See ``_EXECUTABLES`` for the order."""
     jitted_setup = _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)
     # The window is lowered first, from the setup's output shapes alone: its compilation (the
     # longest) starts at once on the worker; the setup and then the final function follow it
@@ -665,7 +665,7 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
     final = _final_executables(cfg.family, num_elbo_samples, batched, k_final, state.params,
                                target, compile_there=True)
     state, k_run, k_final = setup.result()(key, init_params)
-    return (state, k_run, k_final), window.result(), final
+    return (state, k_run, k_final), window, final
 
 
 @dataclasses.dataclass(frozen=True)
@@ -879,7 +879,7 @@ def fit(
     if status == NONFINITE and bad_step > step:
         state, k_run, k_final = run.start()
         state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr, bad_step,
-                                       run.fixed_effort)
+                                       run.effort)
         params, step = state.params, int(state.step)
         final = _final_executables(family, num_elbo_samples, False, k_final, params, target)
     message = _message(status, step, bad_step, cap)
@@ -904,8 +904,8 @@ class _Run(NamedTuple):
     """What ``_optimize`` returns. ``info``: host ``(steps, status, bad_steps)``; ``final``: the
     futures of ``_final_executables``; ``start()`` gives the state, run key and final key that a
     NaN replay starts from (on the single-executable path the setup state, where its one
-    rolled-back window starts); ``fixed_effort`` is the compile effort of the single executable
-    (``None`` on the window path), which its NaN replay is compiled with."""
+    rolled-back window starts); ``effort`` is the compile effort of the program that ran the
+    steps (the single executable or the window), which a NaN replay is compiled with."""
 
     params: Any
     info: tuple
@@ -913,7 +913,7 @@ class _Run(NamedTuple):
     final: Any
     k_final: Any
     start: Any
-    fixed_effort: str | None
+    effort: str
 
 
 def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr, per_sync,
@@ -945,11 +945,11 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
     started, window, final = _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr,
                                       cap_arr, num_elbo_samples)
     state, k_run, k_final = started
-    state, chunks = _drive(window, batch is not None, state, k_run, target, tol_arr, cap_arr,
-                           per_sync, progress, desc)
+    state, chunks = _drive(window.result(), batch is not None, state, k_run, target, tol_arr,
+                           cap_arr, per_sync, progress, desc)
     info = jax.device_get((state.step, state.status, state.bad_step))
     return _Run(state.params, info, chunks, final, k_final, lambda: (state, k_run, k_final),
-                None)
+                window.effort)
 
 
 def _scalars(tol, cap, dtype):
@@ -1014,19 +1014,10 @@ def _drive(window, batched, state, key, target, tol_arr, cap_arr, per_sync, prog
     return state, chunks
 
 
-def _replay_executable(cfg, batched, fixed_effort, running, key, target, tol_arr, limit):
+def _replay_executable(cfg, batched, effort, running, key, target, tol_arr, limit):
     """The compiled step-masked window of a NaN replay, up to step cap ``limit`` (one per
-    problem when ``batched``), compiled with the effort of the window it repeats
-    (``fixed_effort``: that of the single executable of ``tol=None``; ``None`` on the window
-    path)."""
-    if fixed_effort is not None:
-        effort = fixed_effort
-    else:  # the effort the window got (lowering it again is a cache hit)
-        cap = limit[0] if batched else limit
-        window = _compiled_window(cfg, batched).lower(running, key, target, tol_arr, cap)
-        batch = limit.shape[0] if batched else None
-        tiers = _window_tiers(cfg, target.dim, batch, tol_arr.dtype, key)
-        effort = _compile.choose(window, tiers)
+    problem when ``batched``), compiled with ``effort``: that of the program whose steps it
+    repeats (``_Run.effort``)."""
     masked = cfg._replace(mask_steps=True)
     return _executable(
         _compiled_window(masked, batched, cap_per_problem=batched),
@@ -1034,11 +1025,11 @@ def _replay_executable(cfg, batched, fixed_effort, running, key, target, tol_arr
     ).result()
 
 
-def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, fixed_effort):
+def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, effort):
     """Re-run a rolled-back window up to (not including) its first non-finite step.
 
     Same keys, same start, same arithmetic compiled with the same effort as the window that
-    failed (``fixed_effort``: see ``_replay_executable``), so the same finite
+    failed (``effort``: see ``_replay_executable``), so the same finite
     steps up to float rounding (it is a separately compiled program: parameters agreed to 7e-7
     after 200 steps, measured): the fit keeps the parameters of the last finite step, not of the
     window's start. Should the replay meet a non-finite value earlier, it rolls back to the
@@ -1046,15 +1037,15 @@ def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, fixed_eff
     """
     bad = np.asarray(bad_step, np.int32)
     running = state._replace(done=np.asarray(False), status=np.asarray(RUNNING, np.int32))
-    replay = _replay_executable(cfg, False, fixed_effort, running, key, target, tol_arr, bad)
+    replay = _replay_executable(cfg, False, effort, running, key, target, tol_arr, bad)
     state, _ = replay(running, key, target, tol_arr, bad)
     return state._replace(
         done=np.asarray(True), status=np.asarray(NONFINITE, np.int32), bad_step=bad
     )
 
 
-def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, bad_steps,
-                                fixed_effort, params, steps):
+def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, bad_steps, effort,
+                                params, steps):
     """``fit_many``'s NaN replay: each problem in ``nonfinite`` re-runs its rolled-back window,
     from ``start`` (its state at that window's start), up to its first non-finite step, as
     ``_replay_to_last_finite`` does for one problem; the others keep ``params`` and ``steps``.
@@ -1065,7 +1056,7 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
                              status=np.full(size, RUNNING, np.int32))
     # The other problems take no step.
     limit = np.where(nonfinite, bad_steps, np.asarray(start.step)).astype(np.int32)
-    replay = _replay_executable(cfg, True, fixed_effort, running, keys, targets, tol_arr, limit)
+    replay = _replay_executable(cfg, True, effort, running, keys, targets, tol_arr, limit)
     new, _ = replay(running, keys, targets, tol_arr, limit)
     new_params, new_steps, params = jax.device_get((new.params, new.step, params))
 
@@ -1148,8 +1139,8 @@ def fit_many(
     if nonfinite.any():
         state, k_run, k_final = run.start()
         params, steps = _replay_many_to_last_finite(cfg, state, k_run, targets, tol_arr,
-                                                    nonfinite, bad_steps, run.fixed_effort,
-                                                    params, steps)
+                                                    nonfinite, bad_steps, run.effort, params,
+                                                    steps)
         final = _final_executables(family, num_elbo_samples, True, k_final, params, targets)
     names = np.array([_STATUS_NAMES[int(s)] for s in status])
     bad = np.flatnonzero(status == NONFINITE)
