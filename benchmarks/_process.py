@@ -5,7 +5,7 @@ Run as a script (not ``-m benchmarks...``, which would import the suite first):
     python benchmarks/_process.py N D vi_engine fullrank
     python benchmarks/_process.py N D blackjax fullrank NUM_SAMPLES LR STEPS
     python benchmarks/_process.py N D numpyro fullrank NUM_PARTICLES LR STEPS
-    python benchmarks/_process.py N D jax fullrank LR STEPS [jit|fast]
+    python benchmarks/_process.py N D jax fullrank LR STEPS [jit|fast] [numpyro]
 
 ``jax`` is the floor reference: what a hand-written script of the same estimator costs (STL,
 one draw per step, the same full-rank parameterization and initial scale as ``vi.FullRank``,
@@ -14,6 +14,8 @@ chosen knowing where KL(q‖p*) <= 1e-3 is reached, no stopping test, no NaN gua
 posterior object (so no numpyro import), the whole loop one ``lax.scan`` in one program.
 ``jit`` (the default) compiles it as ``jax.jit`` does; ``fast`` with the cheaper XLA settings
 vi_engine uses for small programs (LLVM -O1, XLA's classic emitters: ``vi_engine/_compile.py``).
+``numpyro`` also imports ``numpyro.distributions`` (before the clock reads the import time), as
+any engine whose posteriors are numpyro distributions must: the floor for vi_engine's API.
 
 Every method fits the same log density (Bayesian linear regression, prior N(0, I), σ = 1, the
 data of ``benchmarks.problems.linear_regression``). KL(q‖p*) is computed after the clock stops.
@@ -59,6 +61,8 @@ def main(argv):
     elif lib == "jax":
         import optax
 
+        if "numpyro" in argv[7:]:
+            import numpyro.distributions  # noqa: F401
         t_imp = time.perf_counter() - T0
         lr, steps = float(argv[4]), int(argv[5])
         compile_mode = argv[6] if len(argv) > 6 else "jit"
@@ -115,6 +119,7 @@ def main(argv):
     else:
         raise SystemExit(f"unknown lib {lib!r}")
     seconds = time.perf_counter() - T0
+    info["numpyro_imported"] = "numpyro" in sys.modules
     # Exact posterior (float64) and KL(q‖p*), after the clock.
     xd, yd = x_np.astype(np.float64), y_np.astype(np.float64)
     prec = np.eye(d) + xd.T @ xd

@@ -113,7 +113,8 @@ def test_only_and_bad_name():
 
 @pytest.mark.parametrize("args", [["vi_engine", "fullrank"],
                                   ["jax", "fullrank", "0.05", "1200", "jit"],
-                                  ["jax", "fullrank", "0.05", "1200", "fast"]])
+                                  ["jax", "fullrank", "0.05", "1200", "fast"],
+                                  ["jax", "fullrank", "0.05", "1200", "fast", "numpyro"]])
 def test_whole_process_script(args):
     """The whole-process runs of the suite (off in --tiny): vi_engine with its defaults, and the
     hand-written floor reference with the settings the suite uses, both reach KL <= 1e-3."""
@@ -127,3 +128,5 @@ def test_whole_process_script(args):
     assert res["lib"] == args[0] and (res["n"], res["d"]) == (500, 20)
     assert 0 < res["import_seconds"] < res["seconds"]
     assert 0 <= res["kl"] <= 1e-3, res
+    # vi_engine's posteriors are numpyro distributions; the floor imports numpyro only if asked.
+    assert res["numpyro_imported"] == (args[0] == "vi_engine" or "numpyro" in args)

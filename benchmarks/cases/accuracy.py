@@ -283,7 +283,9 @@ def _issue5_checks(entries, cfg, ctx):
                 strict=False))
             floor_txt = ""
             for name, how in (("handwritten_jax", "jax.jit"),
-                              ("handwritten_jax_fast", "vi_engine's cheap XLA settings")):
+                              ("handwritten_jax_fast", "vi_engine's cheap XLA settings"),
+                              ("handwritten_jax_fast_numpyro",
+                               "cheap XLA settings, importing numpyro.distributions")):
                 floor = whole.get(name)
                 if floor and floor["kl"] <= 1e-3:
                     floor_txt += (f"; the hand-written JAX script (floor reference, {how}) "
@@ -332,6 +334,9 @@ def _whole_process(lin, cfg, ctx):
     # over 3 seeds; 1,200 keeps a margin), jax and optax only.
     jobs["handwritten_jax"] = ["jax", "fullrank", "0.05", "1200", "jit"]
     jobs["handwritten_jax_fast"] = ["jax", "fullrank", "0.05", "1200", "fast"]
+    # The same, plus the import an engine whose posteriors are numpyro distributions must pay
+    # (numpyro and the scipy it pulls in, ~0.2 s): the floor for vi_engine's API.
+    jobs["handwritten_jax_fast_numpyro"] = ["jax", "fullrank", "0.05", "1200", "fast", "numpyro"]
     if cfg.get("whole_process_numpyro"):
         jobs["numpyro_AutoMultivariateNormal"] = ["numpyro", "fullrank", "1", "0.01",
                                                   str(cfg["max_steps"])]
