@@ -174,6 +174,48 @@ def test_second_fit_of_the_same_shapes_does_not_recompile():
         assert len(traces) > n_before, kw
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_threads_fitting_the_same_shapes_compile_each_program_once(monkeypatch, fixed):
+    # Fits from several threads (a sweep in a thread pool) share the compiled programs: a
+    # signature is lowered and compiled by one thread while the others wait for it.
+    import threading
+
+    compiled = []
+    real = compile_module.compile_lowered
+
+    def counting(lowered, effort="full"):
+        compiled.append(lowered.as_text())
+        return real(lowered, effort)
+
+    monkeypatch.setattr(compile_module, "compile_lowered", counting)
+    fit_module.clear_caches()
+    target = vi.Target.from_log_density(lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 5,
+                                        data=(jnp.arange(5.0),))
+    kw = dict(tol=None, num_steps=300) if fixed else dict(num_steps=1000)
+    barrier, results, errors = threading.Barrier(4), [None] * 4, []
+
+    def work(i):
+        try:
+            barrier.wait()
+            res = vi.fit(target, "fullrank", key=jax.random.key(0), progress=False, **kw)
+            results[i] = (np.asarray(res.posterior.loc), float(res.elbo.mean))
+        except Exception as err:  # reported below: a thread's exception would be lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(compiled) == len(set(compiled)), "a program was compiled more than once"
+    # fixed: the single executable, posterior, ELBO; else setup, window, posterior, ELBO
+    assert len(compiled) == (3 if fixed else 4)
+    for loc, elbo in results[1:]:
+        np.testing.assert_array_equal(loc, results[0][0])
+        assert elbo == results[0][1]
+
+
 @pytest.mark.parametrize("family", ["fullrank", "lowrank"])
 def test_posterior_covariance_comes_precomputed_for_full_rank_only(gauss3, family):
     # Full-rank: computed inside the final compiled program (an eager first access compiles a

@@ -504,8 +504,11 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype):
 # cores: compiling them concurrently is slower (XLA's compiler already keeps both cores busy:
 # the window took 2.7 s instead of 1.7 s). Tracing and lowering always happen on the calling
 # thread: JAX's context managers (enable_x64, matmul precision, ...) are thread-local, and
-# numpyro's handler stack is a global list.
+# numpyro's handler stack is a global list. Threads share the cache: one lowers and compiles a
+# signature, the others wait for its future (``_EXECUTABLES_LOCK`` covers lookup and lowering,
+# not compilation).
 _EXECUTABLES: dict = {}
+_EXECUTABLES_LOCK = threading.RLock()
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vi-compile")
 
 
@@ -557,25 +560,32 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
     kept as the future's ``effort`` (a NaN replay compiles with the same).
     """
     sig = _signature(tag, args)
-    hit = _EXECUTABLES.get(sig)
-    if hit is not None and hit.done() and hit.exception() is not None:
-        hit = None  # a failed compilation is raised once, not cached
-    if hit is None:
-        if len(_EXECUTABLES) > 256:
-            _EXECUTABLES.clear()
-        with _compile.gc_paused():
-            lowered = jitted.lower(*args)
-        if not isinstance(effort, str):
-            effort = _compile.choose(lowered, effort)
-        if compile_there == "deferred":
-            future = _Deferred(lowered, effort)
-        elif compile_there:
-            future = _COMPILER.submit(_compile.compile_lowered, lowered, effort)
-        else:
-            future = concurrent.futures.Future()
-            future.set_result(_compile.compile_lowered(lowered, effort))
-        future.effort = effort
-        hit = _EXECUTABLES[sig] = future
+    compile_here = None
+    with _EXECUTABLES_LOCK:
+        hit = _EXECUTABLES.get(sig)
+        if hit is not None and hit.done() and hit.exception() is not None:
+            hit = None  # a failed compilation is raised once, not cached
+        if hit is None:
+            if len(_EXECUTABLES) > 256:
+                _EXECUTABLES.clear()
+            with _compile.gc_paused():
+                lowered = jitted.lower(*args)
+            if not isinstance(effort, str):
+                effort = _compile.choose(lowered, effort)
+            if compile_there == "deferred":
+                future = _Deferred(lowered, effort)
+            elif compile_there:
+                future = _COMPILER.submit(_compile.compile_lowered, lowered, effort)
+            else:  # compiled below, outside the lock; other threads wait on the future
+                future = compile_here = concurrent.futures.Future()
+            future.effort = effort
+            hit = _EXECUTABLES[sig] = future
+    if compile_here is not None:
+        try:
+            compile_here.set_result(_compile.compile_lowered(lowered, effort))
+        except BaseException as err:
+            compile_here.set_exception(err)
+            raise
     return hit
 
 
