@@ -947,8 +947,12 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
         params, info, losses, k_final = program(*args)
 
         def start():  # rolled back to the setup state: rebuild it (same key, same state)
-            return _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch)(key,
-                                                                                  init_params)
+            setup = _executable(
+                _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch),
+                ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
+                effort="minimal",
+            )
+            return setup.result()(key, init_params)
 
         return _Run(params, jax.device_get(info), [losses], final, k_final, start,
                     compiled.effort)
