@@ -487,6 +487,35 @@ def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
     assert float(res.posterior.mean[0]) > 1.0
 
 
+def _nan_gradient_past_3(z):
+    # Finite everywhere, but its gradient is NaN once z[0] > 3: the loss of that step is finite
+    # and only the updated parameters show the fault.
+    return -0.5 * jnp.sum((z - 5.0) ** 2) + jnp.where(z[0] > 3.0, 0.0, jnp.sqrt(3.0 - z[0]) * 0)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tol=None, num_steps=3000), dict(tol=None, num_steps=78)],
+                         ids=["until-converged", "fixed-steps", "nan-in-the-last-step"])
+def test_nan_gradient_with_a_finite_loss_keeps_the_last_finite_parameters(kw):
+    # With seed 0 the gradient first turns NaN at step 77 (0-based); with num_steps=78 that is
+    # the last step, so no loss of the run is NaN at all.
+    target = vi.Target.from_log_density(_nan_gradient_past_3, 2)
+    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+        res = vi.fit(target, "meanfield", key=jax.random.key(0), progress=False, **kw)
+    assert res.status == "nonfinite"
+    assert res.num_steps == 77 and res.losses.shape == (77,)
+    assert f"stopped at step {res.num_steps}:" in res.message
+    assert bool(jnp.all(jnp.isfinite(res.losses)))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(res.params))
+    assert float(res.posterior.mean[0]) > 1.5  # moved from 0 towards the mode at 5
+
+    targets = vi.fit_many(lambda m: vi.Target.from_log_density(
+        lambda z, m: _nan_gradient_past_3(z + m), 2, data=(m,)), jnp.zeros((3, 2)),
+        family="meanfield", key=jax.random.key(0), progress=False, **kw)
+    bad = targets.status == "nonfinite"  # each problem draws its own keys: its own NaN step
+    assert bad.sum() >= 2 and (targets.num_steps[bad] > 30).all()
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(targets.params))
+
+
 def test_x64_reaches_every_compiled_part():
     # enable_x64 is thread-local: the final ELBO, compiled on a worker thread or when first
     # read, must still be traced where the fit was called (float64 throughout), on both paths,

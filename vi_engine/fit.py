@@ -138,6 +138,9 @@ class _Config(NamedTuple):
     mask_steps: bool
     rule: StoppingRule
     presample: bool = False  # the window's noise drawn before its steps (``_with_presample``)
+    # NaN replay only (with ``mask_steps``): a step whose loss or new parameters are not finite
+    # is not applied, and no later step is (``done`` marks it); ``step`` then says where.
+    guard_steps: bool = False
 
 
 # Up to this many noise elements (window x draws x dim x problems) are drawn before a window's
@@ -153,10 +156,10 @@ _PRESAMPLE_BUDGET = 2**22
 # an ``unsafe_rbg`` step 20 flops, a partitionable-off normal 58).
 # - one standard-normal draw of the pre-drawn noise (threefry and the inverse erf), by item
 #   size: 71 in float32, 137 in float64;
-# - the step's key and the window's checks of its loss: 43 with pre-drawn noise, 41 without,
-#   in either precision (430k flops at 10,000 steps).
+# - the step's key and the window's checks of its loss: 45 with pre-drawn noise, 43 without,
+#   in either precision (450k flops at 10,000 steps).
 _NORMAL_FLOPS = {4: 71, 8: 137}
-_STEP_FLOPS = {True: 43, False: 41}
+_STEP_FLOPS = {True: 45, False: 43}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,8 +293,16 @@ def _make_window(cfg: _Config, skip_when_done: bool = True):
             )
         params = optax.apply_updates(state.params, updates)
         loss = -value
+        done = state.done
         if cfg.mask_steps:
             ok = state.step < max_steps
+            if cfg.guard_steps:
+                ok = ok & ~done
+                # The loss at z drawn from finite parameters, and the update (a NaN/inf
+                # gradient with a finite loss shows only in the new parameters).
+                good = jnp.isfinite(loss) & _all_finite(params)
+                done = done | (ok & ~good)
+                ok = ok & good
             params = _tree_where(ok, params, state.params)
             opt_state = _tree_where(ok, opt_state, state.opt_state)
             loss = jnp.where(ok, loss, jnp.nan)
@@ -305,7 +316,7 @@ def _make_window(cfg: _Config, skip_when_done: bool = True):
         else:
             avg = state.avg_params
         state = state._replace(
-            params=params, opt_state=opt_state, avg_params=avg, step=state.step + ok
+            params=params, opt_state=opt_state, avg_params=avg, step=state.step + ok, done=done
         )
         return (state, w_count), loss.astype(state.lr_scale.dtype)
 
@@ -332,7 +343,10 @@ def _make_window(cfg: _Config, skip_when_done: bool = True):
             done=state.done | hit_cap,
             status=jnp.where(hit_cap, MAX_STEPS, state.status).astype(jnp.int32),
         )
-        first_bad = jnp.argmax(~jnp.isfinite(losses)).astype(jnp.int32)
+        # The first non-finite loss; with none (a NaN/inf gradient shows only in the
+        # parameters), the window's end. The replay finds the exact step (``guard_steps``).
+        bad_loss = ~jnp.isfinite(losses) & ran
+        first_bad = jnp.where(jnp.any(bad_loss), jnp.argmax(bad_loss), count).astype(jnp.int32)
         rolled_back = start._replace(
             done=jnp.asarray(True),
             status=jnp.asarray(NONFINITE, jnp.int32),
@@ -890,7 +904,7 @@ def fit(
         state, k_run, k_final = run.start()
         state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr, bad_step,
                                        run.effort)
-        params, step = state.params, int(state.step)
+        params, step, bad_step = state.params, int(state.step), int(state.bad_step)
         final = _final_executables(family, num_elbo_samples, False, k_final, params, target)
     message = _message(status, step, bad_step, cap)
     if status == NONFINITE:
@@ -1032,7 +1046,7 @@ def _replay_executable(cfg, batched, effort, running, key, target, tol_arr, limi
     """The compiled step-masked window of a NaN replay, up to step cap ``limit`` (one per
     problem when ``batched``), compiled with ``effort``: that of the program whose steps it
     repeats (``_Run.effort``)."""
-    masked = cfg._replace(mask_steps=True)
+    masked = cfg._replace(mask_steps=True, guard_steps=True)
     return _executable(
         _compiled_window(masked, batched, cap_per_problem=batched),
         ("replay", masked, batched, effort), running, key, target, tol_arr, limit, effort=effort,
@@ -1042,17 +1056,21 @@ def _replay_executable(cfg, batched, effort, running, key, target, tol_arr, limi
 def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, effort):
     """Re-run a rolled-back window up to (not including) its first non-finite step.
 
-    Same keys, same start, same arithmetic compiled with the same effort as the window that
-    failed (``effort``: see ``_replay_executable``), so the same finite
-    steps up to float rounding (it is a separately compiled program: parameters agreed to 7e-7
-    after 200 steps, measured): the fit keeps the parameters of the last finite step, not of the
-    window's start. Should the replay meet a non-finite value earlier, it rolls back to the
-    window's start like any window. Compiled only when a fit hits a NaN.
+    ``bad_step``: the window's first non-finite loss, or its end when every loss was finite (a
+    NaN/inf gradient shows only in the parameters). The replay applies no step whose loss or new
+    parameters are not finite (``guard_steps``), nor any later one, and its ``bad_step`` is that
+    step. Same keys, same start, same arithmetic compiled with the same effort as the window
+    that failed (``effort``: see ``_replay_executable``), so the same finite steps up to float
+    rounding (it is a separately compiled program: parameters agreed to 7e-7 after 200 steps,
+    measured): the fit keeps the parameters of the last finite step, not of the window's start.
+    Compiled only when a fit hits a NaN.
     """
     bad = np.asarray(bad_step, np.int32)
     running = state._replace(done=np.asarray(False), status=np.asarray(RUNNING, np.int32))
     replay = _replay_executable(cfg, False, effort, running, key, target, tol_arr, bad)
     state, _ = replay(running, key, target, tol_arr, bad)
+    if bool(state.done):  # stopped at a non-finite step before the cap
+        bad = np.asarray(state.step, np.int32)
     return state._replace(
         done=np.asarray(True), status=np.asarray(NONFINITE, np.int32), bad_step=bad
     )
@@ -1066,6 +1084,7 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     Returns ``(params, steps)``.
     """
     size = nonfinite.shape[0]
+    # As in _replay_to_last_finite: each problem stops at its first non-finite step.
     running = start._replace(done=np.zeros(size, bool),
                              status=np.full(size, RUNNING, np.int32))
     # The other problems take no step.
