@@ -148,6 +148,21 @@ def test_fixed_steps_run_exactly(gauss3):
     assert bare.posterior.event_shape == (3,)
 
 
+@pytest.mark.parametrize("kw", [dict(num_steps=1), dict(num_steps=250), dict(max_steps=300)])
+def test_the_step_cap_is_exact_until_converged(gauss3, kw):
+    # With tol set, num_steps (or max_steps) caps the run exactly, also when it is not a whole
+    # number of the stopping rule's windows (200 steps).
+    cap = kw.get("num_steps", kw.get("max_steps"))
+    res = vi.fit(gauss3.target, "meanfield", key=jax.random.key(0), progress=False, **kw)
+    assert res.status == "max_steps" and res.num_steps == cap
+    assert res.losses.shape == (cap,) and bool(jnp.all(jnp.isfinite(res.losses)))
+    assert f"({cap} steps)" in res.message
+    many = vi.fit_many(lambda m: vi.Target.from_log_density(
+        lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 2, data=(m,)), jnp.ones((3, 2)),
+        family="meanfield", key=jax.random.key(0), progress=False, **kw)
+    assert (many.num_steps == cap).all() and many.losses.shape == (3, cap)
+
+
 def test_second_fit_of_the_same_shapes_does_not_recompile():
     traces = []
 

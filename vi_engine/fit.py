@@ -805,8 +805,9 @@ def _check_common(target, key, num_samples, tol, num_steps, max_steps, num_elbo_
 def _plan(num_steps, tol, progress, rule, max_steps):
     """Static chunking: (cap, steps per window, windows per sync, check_plateau, mask_steps).
 
-    With ``tol`` set, the cap is checked after each window (a fit may overrun it by less than one
-    window); with ``tol=None`` exactly ``num_steps`` steps run (without a progress bar: one
+    With ``tol`` set, the stopping rule judges whole windows and the cap is exact: a cap that is
+    not a whole number of windows masks the steps past it (``mask_steps``, a select per step, so
+    only then); with ``tol=None`` exactly ``num_steps`` steps run (without a progress bar: one
     window, which ``fit`` compiles with the setup into a single executable).
     """
     cap = num_steps if num_steps is not None else max_steps
@@ -817,7 +818,7 @@ def _plan(num_steps, tol, progress, rule, max_steps):
         n = min(20, cap)
         return cap, -(-cap // n), 1, False, cap % n != 0
     # Windows are dispatched asynchronously; Python reads the done flag every few windows.
-    return cap, rule.window, 5, True, False
+    return cap, rule.window, 5, True, cap % rule.window != 0
 
 
 def _message(status, step, bad_step, cap):
