@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 from numpyro.distributions.kl import kl_divergence
 
@@ -673,6 +674,38 @@ def test_bad_arguments_are_clear_errors(gauss3):
         vi.fit(gauss3.target, key=jax.random.key(0), num_samples=0)
     with pytest.raises(ValueError, match="num_elbo_samples"):
         vi.fit(gauss3.target, key=jax.random.key(0), num_elbo_samples=-1)
+
+
+@pytest.mark.parametrize("optimizer, hint", [
+    ("adam", "optax.adam"), (0.01, "learning rate"), (optax.adam, "call it"),
+    (numpyro.optim.Adam(0.01), "numpyro.optim"),
+])
+def test_a_non_optax_optimizer_is_a_clear_error(gauss3, optimizer, hint):
+    with pytest.raises(TypeError, match=f"optimizer: expected an optax.*{hint}"):
+        vi.fit(gauss3.target, key=jax.random.key(0), optimizer=optimizer)
+
+
+def test_keys_init_params_and_step_counts_are_checked(gauss3):
+    key = jax.random.key(0)
+    for bad in (jax.random.split(key, 3), jnp.zeros(5, jnp.uint32)):
+        with pytest.raises(ValueError, match=r"key: expected a single PRNG key.*shape \((3|5),\)"):
+            vi.fit(gauss3.target, key=bad)
+    with pytest.raises(ValueError, match="key: expected a single"):
+        vi.fit_many(lambda m: vi.Target.from_log_density(lambda z, m: -jnp.sum((z - m) ** 2), 2,
+                                                         data=(m,)),
+                    jnp.ones((3, 2)), key=jax.random.split(key, 3))
+    for wrong, got in ((vi.FullRank().init(key, 3), "FullRankParams"),
+                       (vi.MeanField().init(key, 4), r"loc=\(4,\)")):
+        with pytest.raises(ValueError, match=f"init_params: expected meanfield parameters for "
+                                             f"dim 3.*got.*{got}"):
+            vi.fit(gauss3.target, "meanfield", key=key, init_params=wrong)
+    for name, value in (("num_steps", "10"), ("num_samples", True), ("max_steps", 0)):
+        with pytest.raises(ValueError, match=f"{name}: expected a positive integer"):
+            vi.fit(gauss3.target, key=key, **{name: value})
+    # NumPy integers are integers; a raw uint32 key of the default implementation is a key.
+    res = vi.fit(gauss3.target, "meanfield", key=jnp.zeros(2, jnp.uint32), tol=None,
+                 num_steps=np.int64(30), num_samples=np.int32(2), progress=False)
+    assert res.num_steps == 30 and isinstance(res.num_steps, int)
 
 
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])

@@ -769,36 +769,93 @@ def _fmt(x):
     return np.array2string(x, threshold=6, precision=6, separator=", ", max_line_width=10**6)
 
 
-def _check_common(target, key, num_samples, tol, num_steps, max_steps, num_elbo_samples):
+def _check_common(target, key, tol, num_elbo_samples):
     if not (hasattr(target, "log_density") and hasattr(target, "dim")):
         raise TypeError(
             f"target: expected a vi.Target (with .log_density and .dim), got "
             f"{type(target).__name__}; build one with vi.Target.from_log_density(f, dim) or "
             "vi.Target.from_numpyro(model, *args)"
         )
+    _check_key(key)
+    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
+    if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):
+        raise ValueError(
+            f"num_elbo_samples: expected a non-negative integer (0: no final estimate), got "
+            f"{num_elbo_samples!r}"
+        )
+
+
+def _is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _positive_int(name, value, none_ok=False):
+    """``value`` as an int (Python or NumPy integer), else a ValueError naming ``name``."""
+    if value is None and none_ok:
+        return None
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(
+            f"{name}: expected a positive integer{' or None' if none_ok else ''}, got {value!r}"
+        )
+    return int(value)
+
+
+def _check_key(key):
     if not (isinstance(key, jax.Array) and (
         jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32)
     )):
         raise TypeError(
             f"key: expected a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}"
         )
-    if not (isinstance(num_samples, int) and num_samples >= 1):
-        raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
-    if num_steps is not None and not (isinstance(num_steps, int) and num_steps >= 1):
-        raise ValueError(f"num_steps: expected a positive integer or None, got {num_steps!r}")
-    if tol is None and num_steps is None:
+    # One key: fit splits it for initialization, the steps and the final ELBO (and fit_many
+    # for each problem). A raw uint32 key has the default implementation's shape.
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    want = () if typed else jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    if key.shape != want:
         raise ValueError(
-            "num_steps: with tol=None the fit runs exactly num_steps steps, so num_steps is "
-            "required (or set tol to run until converged)"
+            f"key: expected a single PRNG key ({'shape ()' if typed else f'uint32 {want}'}), "
+            f"got a {'key' if typed else 'uint32'} array of shape {key.shape}; pass one key "
+            "(jax.random.key(0)): it is split internally (for each problem in fit_many)"
         )
-    if not (isinstance(max_steps, int) and max_steps >= 1):
-        raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
-    if not (isinstance(num_elbo_samples, int) and num_elbo_samples >= 0):
+
+
+def _check_optimizer(optimizer):
+    if optimizer is None or isinstance(optimizer, optax.GradientTransformation):
+        return
+    kind = type(optimizer).__module__ or ""
+    if kind.startswith("numpyro"):
+        hint = ("numpyro.optim optimizers are not supported; pass the optax one, e.g. "
+                "optax.adam(1e-2)")
+    elif callable(optimizer):
+        hint = "call it with its settings, e.g. optax.adam(1e-2) rather than optax.adam"
+    elif isinstance(optimizer, (int, float)):
+        hint = ("for a learning rate pass optimizer=vi.default_optimizer(lr) (Adam, b2=0.99) or "
+                "optax.adam(lr)")
+    else:
+        hint = "e.g. optax.adam(1e-2)"
+    raise TypeError(
+        f"optimizer: expected an optax GradientTransformation (or None for the default), got "
+        f"{optimizer!r} ({type(optimizer).__name__}); {hint}"
+    )
+
+
+def _check_init_params(family, init_params, key, dim, dtype):
+    """``init_params`` must have the structure and shapes of ``family.init(key, dim)``."""
+    if init_params is None:
+        return
+    want = jax.eval_shape(lambda k: family.init(k, dim, dtype), key)
+    got_leaves, got_tree = jax.tree_util.tree_flatten(init_params)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    if got_tree != want_tree or any(  # same treedef: as many leaves
+        tuple(np.shape(a)) != tuple(b.shape) for a, b in zip(got_leaves, want_leaves, strict=True)
+    ):
+        def shapes(tree):
+            return jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)
+
         raise ValueError(
-            f"num_elbo_samples: expected a non-negative integer (0: no final estimate), got "
-            f"{num_elbo_samples!r}"
+            f"init_params: expected {family.name} parameters for dim {dim}, shaped "
+            f"{shapes(want)}; got {shapes(init_params)}"
         )
 
 
@@ -892,9 +949,10 @@ def fit(
     family, cfg, cap, per_sync = _configure(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
-    _check_common(target, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
+    _check_common(target, key, tol, num_elbo_samples)
     cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
+    _check_init_params(family, init_params, key, target.dim, dtype)
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     fixed = tol is None and not progress
     run = _optimize(cfg, None, target.dim, dtype, key, init_params, target, tol_arr, cap_arr,
@@ -1000,9 +1058,19 @@ def _join(chunks, num_steps):
 def _configure(family, objective, num_samples, optimizer, num_steps, tol, progress, stopping,
                max_steps):
     """Resolve names and defaults into the static configuration of the compiled window."""
+    num_steps = _positive_int("num_steps", num_steps, none_ok=True)
+    max_steps = _positive_int("max_steps", max_steps)
+    if tol is None and num_steps is None:
+        raise ValueError(
+            "num_steps: with tol=None the fit runs exactly num_steps steps, so num_steps is "
+            "required (or set tol to run until converged)"
+        )
+    _check_optimizer(optimizer)
     family = get_family(family)
     objective = get_objective(objective)
-    num_samples = family.default_num_samples if num_samples is None else num_samples
+    num_samples = _positive_int(
+        "num_samples", family.default_num_samples if num_samples is None else num_samples
+    )
     if optimizer is None:
         optimizer = default_optimizer(family.default_learning_rate)
     cap, window, per_sync, check, mask = _plan(num_steps, tol, progress, stopping, max_steps)
@@ -1160,7 +1228,7 @@ def fit_many(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     targets = jax.vmap(make_target)(*batched_args)
-    _check_common(targets, key, cfg.num_samples, tol, num_steps, max_steps, num_elbo_samples)
+    _check_common(targets, key, tol, num_elbo_samples)
     cfg = _with_presample(cfg, targets.dim, B, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
