@@ -639,6 +639,25 @@ def test_fit_many_stops_only_the_problems_that_hit_a_nan(fixed_steps):
     assert efforts["replay"] == efforts["fixed" if fixed_steps else "window"]
 
 
+def test_fit_many_names_the_problems_whose_data_are_not_finite():
+    # fit_many builds its targets under vmap, where their data cannot be checked: a problem
+    # whose data hold a NaN stops at once, and the warning says why, not only "lower the step".
+    xs = jax.random.normal(jax.random.key(1), (4, 20, 3))
+    ys = jnp.ones((4, 20)).at[1, 3].set(jnp.nan)
+
+    def make(x, y):
+        return vi.Target.from_log_density(
+            lambda z, x, y: -0.5 * jnp.sum((y - x @ z) ** 2) - 0.5 * jnp.sum(z**2), 3,
+            data=(x, y))
+
+    with pytest.warns(RuntimeWarning, match=r"problems \[1\] have NaN/inf in their data.*"
+                                            r"problems \[1\] were not finite at their initial"):
+        res = vi.fit_many(make, xs, ys, family="meanfield", key=jax.random.key(0),
+                          progress=False, tol=None, num_steps=200)
+    assert res.status.tolist() == ["max_steps", "nonfinite", "max_steps", "max_steps"]
+    assert res.num_steps.tolist() == [200, 0, 200, 200]
+
+
 def test_fit_many_rejects_mismatched_batches():
     make = lambda a, b: vi.Target.from_log_density(lambda z: -jnp.sum(z**2), 1)
     with pytest.raises(ValueError, match=r"\(3,\).*\(4,\)"):

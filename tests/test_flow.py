@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 
+import vi_engine as vi
 from benchmarks.cases.flows import (  # the suite's 2-D targets and quadrature, shared
     banana,
     funnel,
@@ -338,3 +339,13 @@ def _measure(steps=3000):  # pragma: no cover - run by hand
 
 if __name__ == "__main__":  # pragma: no cover
     _measure()
+
+
+def test_fit_many_says_it_does_not_fit_flows():
+    # Raised before any step runs, with a hint the caller can follow.
+    def make(m):
+        return vi.Target.from_log_density(lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 2, data=(m,))
+
+    with pytest.raises(ValueError, match="vi.fit_many does not fit flows.*vi.fit"):
+        vi.fit_many(make, jnp.ones((3, 2)), family="flow", key=jax.random.key(0), progress=False,
+                    tol=None, num_steps=10)

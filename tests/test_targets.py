@@ -49,6 +49,13 @@ def test_from_log_density_validation_errors():
         Target.from_log_density(std_normal, 2.0)
     with pytest.raises(TypeError, match="callable"):
         Target.from_log_density(3.0, 2)
+    # A non-finite density with NaN/inf in the data names the data leaf, the likely cause.
+    x, y = jnp.ones((5, 2)), jnp.ones(5).at[3].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"not finite.*data\[1\] \(shape \(5,\)\) has 1 NaN"):
+        Target.from_log_density(lambda z, x, y: -jnp.sum((y - x @ z) ** 2), 2, data=(x, y))
+    with pytest.raises(ValueError, match="not finite") as err:  # finite data: no such remark
+        Target.from_log_density(lambda z, x: jnp.sum(jnp.log(z)), 2, data=(x,))
+    assert "NaN/inf entries" not in str(err.value)
 
 
 def test_data_leaves_vmap_and_construction_under_jit():

@@ -786,6 +786,12 @@ def _check_common(target, key, tol, num_elbo_samples):
         )
 
 
+def _some(indices, limit=10):
+    """Indices as a short list string: the first ``limit``, then '...'."""
+    indices = [int(i) for i in indices]
+    return f"{indices[:limit]}{'...' if len(indices) > limit else ''}"
+
+
 def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -1250,11 +1256,22 @@ def fit_many(
     message = f"{B} problems: " + ", ".join(f"{v} {k}" for k, v in counts.items())
     if bad.size:
         message += (
-            f"; non-finite loss/gradient in problems {bad[:10].tolist()}"
-            f"{'...' if bad.size > 10 else ''} (their parameters are those of their last finite "
-            "step; num_steps says which). Hint: lower the step size (optimizer=...), or check the "
-            "targets' log density for overflow"
+            f"; non-finite loss/gradient in problems {_some(bad)} (their parameters are those of "
+            "their last finite step; num_steps says which)"
         )
+        # The targets are built under vmap, so their data are not checked on construction: say
+        # which of these problems have non-finite data, the likely cause.
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(batched_args)]
+        leaves = [x for x in leaves if x.dtype.kind in "fc" and x.ndim >= 1]
+        with_nan = [int(i) for i in bad if any(not np.isfinite(x[i]).all() for x in leaves)]
+        if with_nan:
+            message += f"; problems {_some(with_nan)} have NaN/inf in their data (batched_args)"
+        at_start = bad[np.asarray(steps)[bad] == 0]
+        if at_start.size:
+            message += (f"; problems {_some(at_start)} were not finite at their initial "
+                        "parameters (check their log density and data)")
+        message += (". Hint: lower the step size (optimizer=...), or check the targets' log "
+                    "density for overflow")
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
     estimate, parts = _finish(final, k_final, params, targets)
     return FitResult(

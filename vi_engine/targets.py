@@ -499,6 +499,20 @@ def _check_value(target: Target, value, what: str) -> None:
     if not np.isfinite(np.asarray(value)):
         raise ValueError(
             f"Target {target.name!r}: {what} is not finite at the test point "
-            f"z = zeros({target.dim}): it returned {float(value)}. A target must be finite "
-            "everywhere on R^dim (map constrained parameters to R first)."
+            f"z = zeros({target.dim}): it returned {float(value)}.{_nonfinite_data(target)} "
+            "A target must be finite everywhere on R^dim (map constrained parameters to R first)."
         )
+
+
+def _nonfinite_data(target) -> str:
+    """Where the data hold NaN/inf (the likely cause of a non-finite density), or ''."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target.data)[0]:
+        x = np.asarray(leaf)
+        if x.dtype.kind in "fc" and not np.isfinite(x).all():
+            count = int((~np.isfinite(x)).sum())
+            found.append(f"data{jax.tree_util.keystr(path)} (shape {x.shape}) has {count} "
+                         "NaN/inf entries")
+    if not found:
+        return ""
+    return " " + "; ".join(found) + ": drop or impute them (or mask them in the density)."

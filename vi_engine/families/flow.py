@@ -311,8 +311,10 @@ class Flow(Family):
         loc = params["loc"]
         if loc.ndim != 1:
             raise ValueError(
-                f"Flow.to_distribution: params have batch shape {loc.shape[:-1]}; only "
-                "unbatched flow params are supported (index one problem first)"
+                f"Flow.to_distribution: params have batch shape {loc.shape[:-1]}; a flow "
+                "posterior is one problem's (index one problem's params first, e.g. "
+                "jax.tree.map(lambda x: x[i], params)). vi.fit_many does not fit flows (this "
+                "is raised before any step runs): fit each problem with vi.fit"
             )
         # No argument validation: it runs eagerly even under jit (see families/gaussian.py).
         base = dist.Normal(jnp.zeros_like(loc), jnp.ones_like(loc), validate_args=False)
