@@ -923,10 +923,10 @@ def fit(
 
     Args:
       target: a ``vi.Target`` over R^dim.
-      family: ``"meanfield"``, ``"fullrank"``, ``"lowrank"`` (names of the default families) or a
-        family object such as ``vi.LowRank(rank=5)``.
-      key: PRNG key (required; split internally, never reused).
-      num_steps: with ``tol=None``, exactly this many steps; with ``tol`` set, a cap (default
+      family: ``"meanfield"``, ``"fullrank"``, ``"lowrank"``, ``"flow"`` (names of the default
+        families) or a family object such as ``vi.LowRank(rank=5)`` or ``vi.Flow(num_layers=8)``.
+      key: one PRNG key (required; split internally, never reused).
+      num_steps: with ``tol=None``, exactly this many steps; with ``tol`` set, an exact cap (default
         ``max_steps``).
       optimizer: an optax ``GradientTransformation`` (default Adam(lr, b2=0.99) with the
         plateau step-size cuts; lr = ``family.default_learning_rate``, 0.05 for the Gaussian
