@@ -453,6 +453,38 @@ def test_shape_errors_name_both_shapes():
         m.mutual_information(jnp.ones(4) / 4)
     with pytest.raises(ValueError, match="base"):
         m.entropy(jnp.ones(2) / 2, base=1)
+    # Array bases are checked when their values are known; a bool is not a base.
+    for bad in (jnp.array(1.0), jnp.array(-2.0), np.array([2.0, 0.0])):
+        with pytest.raises(ValueError, match="base must be positive, finite and != 1"):
+            m.entropy(jnp.ones(2) / 2, base=bad)
+    for bad in (True, jnp.array(True)):
+        with pytest.raises(TypeError, match="base must be a number"):
+            m.entropy(jnp.ones(2) / 2, base=bad)
+    assert float(m.entropy(jnp.ones(2) / 2, base=jnp.array(2.0))) == 1.0
+    assert float(jax.jit(lambda b: m.entropy(jnp.ones(2) / 2, base=b))(2.0)) == 1.0
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_invalid_entries_are_nan_not_dropped(jit):
+    # Unchecked (validate=False, or any call under jit): a NaN or a negative entry must show in
+    # the result as NaN, never be treated as zero mass (which gave finite, wrong values).
+    wrap = jax.jit if jit else (lambda f: f)
+    nan = jnp.nan
+    p_nan, p_neg, q = jnp.array([nan, 0.5, 0.5]), jnp.array([1.5, -0.5, 0.0]), jnp.full(3, 1 / 3)
+    for p in (p_nan, p_neg):
+        for fn in (m.kl_divergence, m.cross_entropy, m.js_divergence, m.js_distance):
+            assert np.isnan(wrap(fn)(p, q)) and np.isnan(wrap(fn)(q, p)), fn.__name__
+        assert np.isnan(wrap(m.entropy)(p))
+    # NaN in p where q = 0: NaN, not the +inf of an infinite surprise.
+    assert np.isnan(wrap(m.kl_divergence)(p_nan, jnp.array([0.0, 0.5, 0.5])))
+    assert np.isnan(wrap(lambda x: m.entropy(x, log_input=True))(jnp.array([nan, 0.0, 0.0])))
+    joint = jnp.array([[nan, 0.5], [0.25, 0.25]])
+    assert np.isnan(wrap(m.mutual_information)(joint))
+    assert np.isnan(wrap(m.conditional_entropy)(joint))
+    # Exact zeros are still 0 log 0 = 0, with finite gradients.
+    p0 = jnp.array([0.5, 0.5, 0.0])
+    assert np.isfinite(wrap(m.kl_divergence)(p0, q))
+    assert np.all(np.isfinite(jax.grad(lambda p: m.kl_divergence(p, q))(p0)))
 
 
 def test_validate_reports_offending_values():

@@ -115,10 +115,11 @@ def _describe(d) -> str:
 
 
 def _log_base(base, dtype):
+    from vi_engine.measures import _check_base  # lazy, as in kl_divergence
+
+    _check_base(base)
     if base is None:
         return None
-    if isinstance(base, (int, float)) and (base <= 0 or base == 1):
-        raise ValueError(f"`base` must be positive and not 1, got base={base!r}.")
     return jnp.log(jnp.asarray(base, dtype=dtype))
 
 

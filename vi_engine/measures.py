@@ -83,11 +83,23 @@ def _check_axis(name, shape, axis):
 
 
 def _check_base(base):
-    if isinstance(base, (int, float)) and not isinstance(base, bool):
-        if not (base > 0 and base != 1 and math.isfinite(base)):
-            raise ValueError(
-                f"base must be positive, finite and != 1 (or None for nats); got {base}."
-            )
+    """``base``: None (nats), or positive, finite and != 1: a number, or an array checked when
+    its values are known (not under jit)."""
+    if base is None:
+        return
+    if isinstance(base, (bool, np.bool_)) or (
+        hasattr(base, "dtype") and jnp.issubdtype(base.dtype, jnp.bool_)
+    ):
+        raise TypeError(f"base must be a number (or None for nats); got {base!r}.")
+    if isinstance(base, jax.core.Tracer):
+        return
+    values = np.asarray(base)
+    if values.dtype.kind not in "iuf" or not (
+        np.all(values > 0) and np.all(values != 1) and np.all(np.isfinite(values))
+    ):
+        raise ValueError(
+            f"base must be positive, finite and != 1 (or None for nats); got {base!r}."
+        )
 
 
 def _is_concrete(x):
@@ -219,15 +231,17 @@ def _logsumexp(x, axis=-1):
 
 
 def _from_prob(p):
-    pos = p > 0
+    # Exact zeros are masked (0 log 0 = 0), nothing else: a NaN or a negative entry (invalid,
+    # unchecked under jit or with validate=False) makes the result NaN rather than vanish.
+    pos = p != 0
     logp = jnp.log(jnp.where(pos, p, 1))
-    return _Table(jnp.where(pos, p, 0), logp, pos)
+    return _Table(jnp.where(p >= 0, p, jnp.nan), logp, pos)
 
 
 def _from_log(logp, normalized=True):
     if normalized:
         logp = logp - _logsumexp(logp, axis=-1)
-    pos = logp > -jnp.inf
+    pos = logp != -jnp.inf  # NaN stays in, as in _from_prob
     logp_safe = jnp.where(pos, logp, 0)
     return _Table(jnp.where(pos, jnp.exp(logp_safe), 0), logp_safe, pos)
 
@@ -249,12 +263,13 @@ def _entropy(t: _Table):
 
 def _cross_entropy(t: _Table, u: _Table):
     ce = 0.0 - jnp.sum(jnp.where(t.pos, t.prob * u.logp, 0), axis=-1)
-    return jnp.where(jnp.any(t.pos & ~u.pos, axis=-1), jnp.inf, ce)
+    return jnp.where(jnp.any(t.pos & ~u.pos, axis=-1) & ~jnp.isnan(ce), jnp.inf, ce)
 
 
 def _kl(t: _Table, u: _Table):
     kl = jnp.sum(jnp.where(t.pos, t.prob * (t.logp - u.logp), 0), axis=-1)
-    return jnp.where(jnp.any(t.pos & ~u.pos, axis=-1), jnp.inf, kl)
+    # A NaN input stays NaN, even where q = 0 would make the result +inf.
+    return jnp.where(jnp.any(t.pos & ~u.pos, axis=-1) & ~jnp.isnan(kl), jnp.inf, kl)
 
 
 def _midpoint(t: _Table, u: _Table):
@@ -319,7 +334,7 @@ def _pair_kernel(p, q, base, *, kind, axes, shape, log_input):
         return jsd
     # js distance: sqrt with a zero (sub)gradient at p == q, where rounding may leave JSD <= 0
     pos = jsd > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, jsd, 1)), 0)
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, jsd, 1)), jnp.where(jnp.isnan(jsd), jsd, 0))
 
 
 @partial(jax.jit, static_argnames=("kind", "log_input"))
