@@ -125,6 +125,9 @@ def test_gaussian_against_scipy():
     )
     with pytest.raises(ValueError, match="positive definite"):
         exact.gaussian(jnp.zeros(2), jnp.array([[1.0, 2.0], [2.0, 1.0]]))
+    # Cholesky reads one triangle: an asymmetric cov was silently taken as another matrix.
+    with pytest.raises(ValueError, match=r"symmetric; max \|cov - cov.T\| = 0.9"):
+        exact.gaussian(jnp.zeros(2), jnp.array([[1.0, 0.9], [0.0, 1.0]]))
 
 
 def test_beta_binomial_against_scipy():

@@ -680,3 +680,13 @@ def test_streaming_surprise_errors():
         streaming_surprise(dist.Normal(0.0, 1.0), jnp.zeros(3))
     with pytest.raises(ValueError, match="one-hot"):
         streaming_surprise(dist.Dirichlet(jnp.ones(3)), jnp.zeros((5, 4)))
+    # Observations outside the likelihood's support would give NaN/inf surprises.
+    for prior, obs, want in (
+        (dist.Beta(1.0, 1.0), jnp.array([1.0, 2.0]), r"in \{0, 1\}; got observations\[1\] = 2.0"),
+        (dist.Gamma(1.0, 1.0), jnp.array([-2.0, 0.5]), r"counts >= 0; got observations\[0\]"),
+        (dist.Dirichlet(jnp.ones(3)), -jnp.eye(3), r"counts >= 0.*3 such entries"),
+    ):
+        with pytest.raises(ValueError, match=want):
+            streaming_surprise(prior, obs)
+    with pytest.raises(ValueError, match="finite Normal observations"):
+        streaming_surprise(dist.Normal(0.0, 1.0), jnp.array([0.0, jnp.nan]), obs_scale=1.0)

@@ -283,6 +283,17 @@ def gaussian(mean, cov, offset=0.0) -> ExactProblem:
     if cov.shape != (d, d):
         raise ValueError(f"gaussian: cov must have shape ({d}, {d}); got {cov.shape}.")
     offset = jnp.asarray(offset, dtype)
+    if not isinstance(cov, jax.core.Tracer):
+        # Cholesky reads one triangle only: an asymmetric cov would be used as some other
+        # matrix without a word. Tolerance: a product like A @ A.T is symmetric to rounding.
+        c = np.asarray(cov)
+        asym = float(np.max(np.abs(c - c.T), initial=0.0))
+        scale = float(np.max(np.abs(c), initial=0.0))
+        if not asym <= 100 * np.finfo(c.dtype).eps * scale:
+            raise ValueError(
+                f"gaussian: cov must be symmetric; max |cov - cov.T| = {asym:.3g} (largest "
+                f"entry {scale:.3g}). Symmetrize it, e.g. (cov + cov.T) / 2, if that is meant."
+            )
     L, log_ev = _gaussian_solve(cov, offset)
     if not isinstance(L, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(L))):
         raise ValueError("gaussian: cov is not symmetric positive definite (Cholesky failed).")

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions.kl as _nkl
 from jax import lax
 from jax.scipy.special import gammaln, xlogy
@@ -658,6 +659,28 @@ for _tp, _tq in _INFINITE_PAIRS:
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_observations(prior, obs):
+    """Observations outside the likelihood's support (known values only: not under jit) are an
+    error; the conjugate update would turn them into NaN/inf surprises."""
+    if isinstance(obs, jax.core.Tracer):
+        return
+    x = np.asarray(obs)
+    if isinstance(prior, Beta):
+        bad, want = ~((x >= 0) & (x <= 1)), "Bernoulli observations in {0, 1}"
+    elif isinstance(prior, (Gamma, Dirichlet)):
+        kind = "Poisson" if isinstance(prior, Gamma) else "Categorical"
+        bad, want = ~((x >= 0) & np.isfinite(x)), f"{kind} counts >= 0"
+    else:
+        bad, want = ~np.isfinite(x), "finite Normal observations"
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"streaming_surprise: a {type(prior).__name__} prior takes {want}; got "
+            f"observations[{', '.join(map(str, idx))}] = {x[idx].item()} ({int(bad.sum())} such "
+            "entries)."
+        )
+
+
 def streaming_surprise(prior, observations, *, obs_scale=None, base=None,
                        return_posterior: bool = False):
     """Surprise of each observation: KL(posterior_t‖posterior_{t−1}) (Itti & Baldi 2005).
@@ -713,6 +736,7 @@ def streaming_surprise(prior, observations, *, obs_scale=None, base=None,
             f"the observations' batch shape {obs_batch} (observations {obs.shape})."
         ) from e
 
+    _check_observations(prior, obs)
     if isinstance(prior, Beta):
         dtype = jnp.result_type(prior.concentration1, float)
         params = (prior.concentration1, prior.concentration0)

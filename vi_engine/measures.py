@@ -474,8 +474,10 @@ def js_divergence(p, q, axis=-1, base=None, *, log_input=False, validate=False):
 def js_distance(p, q, axis=-1, base=None, *, log_input=False, validate=False):
     """Jensen-Shannon distance ``sqrt(JSD(p, q))``, a metric on distributions.
 
-    Matches ``scipy.spatial.distance.jensenshannon`` (which also takes the square root of the
-    divergence in the given ``base``). The gradient at ``p == q`` is set to 0 (a subgradient).
+    Matches ``scipy.spatial.distance.jensenshannon`` on normalized ``p`` and ``q`` (it also
+    takes the square root of the divergence in the given ``base``); scipy rescales unnormalized
+    inputs to sum to 1, this does not (``validate=True`` rejects them). The gradient at
+    ``p == q`` is set to 0 (a subgradient).
 
     Args:
       p, q: ``(..., K)`` probabilities along ``axis``, broadcast against each other.
