@@ -165,6 +165,9 @@ def test_dirichlet_categorical_against_polya_urn():
         ref += np.log((alpha[y] + c[y]) / (alpha.sum() + t))
         c[y] += 1
     np.testing.assert_allclose(p.log_evidence, ref, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"alpha must be a scalar or have the shape of counts "
+                                         r"\(3,\).*got \(2,\)"):
+        exact.dirichlet_categorical(jnp.array([3.0, 0.0, 7.0]), jnp.ones(2))
     with pytest.raises(ValueError, match="counts has 1 NaN"):
         exact.dirichlet_categorical(jnp.array([1.0, jnp.nan]), jnp.ones(2))
 

@@ -491,7 +491,13 @@ def dirichlet_categorical(counts, alpha) -> ExactProblem:
     """
     dtype = _dtype(counts, alpha)
     c = _as(counts, dtype, "counts", ndim=1)
-    alpha = jnp.broadcast_to(_as(alpha, dtype, "alpha"), c.shape)
+    alpha = _as(alpha, dtype, "alpha")
+    if alpha.shape not in ((), (1,), c.shape):
+        raise ValueError(
+            f"dirichlet_categorical: alpha must be a scalar or have the shape of counts "
+            f"{c.shape} (one per category); got {alpha.shape}."
+        )
+    alpha = jnp.broadcast_to(alpha, c.shape)
     if not isinstance(c, jax.core.Tracer) and bool(jnp.any(c < 0)):
         raise ValueError(f"dirichlet_categorical: counts must be >= 0; got {c}.")
     log_ev = _dirichlet_categorical_solve(c, alpha)

@@ -208,7 +208,8 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     _check_particles("num_samples", num_samples)
     lw = _log_weights_batched(key, family, params, target, num_samples, batch_size)
     n = lw.shape[0]
-    return Estimate(jnp.mean(lw), jnp.std(lw) / math.sqrt(n))
+    # ddof=1, as kl_estimate: the unbiased variance of the draws.
+    return Estimate(jnp.mean(lw), jnp.std(lw, ddof=1 if n > 1 else 0) / math.sqrt(n))
 
 
 def _log_weights_batched(key, family, params, target, num_samples, batch_size):
