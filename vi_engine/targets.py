@@ -186,7 +186,13 @@ class Target:
 
     # --- evaluation -------------------------------------------------------------------------
     def log_density(self, z):
-        """``log p̃(z)``: ``z: (..., dim)`` -> ``(...)`` (vmapped over leading dimensions)."""
+        """``log p̃(z)``: ``z: (..., dim)`` -> ``(...)`` (vmapped over leading dimensions).
+
+        >>> import jax.numpy as jnp, vi_engine as vi
+        >>> t = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 3)
+        >>> t.log_density(jnp.zeros((4, 5, 3))).shape
+        (4, 5)
+        """
         z = jnp.asarray(z)
         if z.ndim == 0 or z.shape[-1] != self.dim:
             raise ValueError(
@@ -367,7 +373,15 @@ class Target:
 
         Includes ``numpyro.deterministic`` sites, recomputed by replaying the model.
 
-        >>> # samples = target.constrain(q.sample(key, (1000,)))  # {"s": (1000,), ...}
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist, vi_engine as vi
+        >>> def model(y):
+        ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
+        ...     numpyro.deterministic("var", s**2)
+        ...     numpyro.sample("y", dist.Normal(0.0, s), obs=y)
+        >>> t = vi.Target.from_numpyro(model, jnp.array([0.5, -1.0]))
+        >>> values = t.constrain(jnp.zeros((1000, 1)))  # z = 0 is s = exp(0) = 1
+        >>> values["s"].shape, float(values["var"][0])
+        ((1000,), 1.0)
         """
         self._require_numpyro("constrain")
         z = jnp.asarray(z)
@@ -389,6 +403,14 @@ class Target:
         """Constrained ``{site: value (..., *site.shape)}`` -> ``z: (..., dim)``.
 
         Needs every latent site; deterministic sites are ignored.
+
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist, vi_engine as vi
+        >>> def model(y):
+        ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
+        ...     numpyro.sample("y", dist.Normal(0.0, s), obs=y)
+        >>> t = vi.Target.from_numpyro(model, jnp.array([0.5, -1.0]))
+        >>> t.unconstrain({"s": jnp.array([1.0, 2.0])}).shape  # log s, for 2 values of s
+        (2, 1)
         """
         self._require_numpyro("unconstrain")
         latent = self._spec.latent
