@@ -1058,7 +1058,7 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
                                       cap_arr, num_elbo_samples)
     state, k_run, k_final = started
     state, chunks = _drive(window.result(), batch is not None, state, k_run, target, tol_arr,
-                           cap_arr, per_sync, progress, desc)
+                           cap_arr, per_sync, progress, desc, cfg.check_plateau)
     info = jax.device_get((state.step, state.status, state.bad_step))
     return _Run(state.params, info, chunks, final, k_final, lambda: (state, k_run, k_final),
                 window.effort)
@@ -1103,17 +1103,21 @@ def _configure(family, objective, num_samples, optimizer, num_steps, tol, progre
     return family, cfg, cap, per_sync
 
 
-def _drive(window, batched, state, key, target, tol_arr, cap_arr, per_sync, progress, desc):
+def _drive(window, batched, state, key, target, tol_arr, cap_arr, per_sync, progress, desc,
+           until_converged):
     """Run compiled windows until every problem is done; ``(state, chunks of losses)``.
 
     Windows are dispatched ``per_sync`` at a time without waiting (JAX runs them
     asynchronously); Python then reads the done flags once and updates the progress bar.
     Steps are applied contiguously from the start, so a problem's first ``num_steps`` joined
     losses are its own (a replayed window repeats the rolled-back one exactly); NaN follows.
+    Until convergence the bar counts steps without a total: the cap (20,000 by default) is a
+    bound, and a bar drawn against it stopped at a fifth of its length.
     """
     cap = int(cap_arr)
     chunks = []
-    with tqdm(total=cap, disable=not progress, desc=desc, leave=False) as bar:
+    with tqdm(total=None if until_converged else cap, unit=" steps", disable=not progress,
+              desc=desc, leave=False) as bar:
         seen = 0
         while True:
             for _ in range(per_sync):
