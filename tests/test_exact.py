@@ -128,6 +128,12 @@ def test_gaussian_against_scipy():
     # Cholesky reads one triangle: an asymmetric cov was silently taken as another matrix.
     with pytest.raises(ValueError, match=r"symmetric; max \|cov - cov.T\| = 0.9"):
         exact.gaussian(jnp.zeros(2), jnp.array([[1.0, 0.9], [0.0, 1.0]]))
+    # Rounding is not asymmetry: a float32 inverse of an ill-conditioned precision (d=100,
+    # condition ~3e4) is accepted.
+    a = np.random.default_rng(0).normal(size=(100, 100))
+    cov32 = jnp.linalg.inv(jnp.asarray(a @ a.T + 1e-2 * np.eye(100), jnp.float32))
+    assert bool(jnp.any(cov32 != cov32.T))
+    assert np.isfinite(float(exact.gaussian(jnp.zeros(100, jnp.float32), cov32).log_evidence))
 
 
 def test_beta_binomial_against_scipy():

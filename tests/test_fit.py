@@ -651,7 +651,7 @@ def test_fit_many_names_the_problems_whose_data_are_not_finite():
             data=(x, y))
 
     with pytest.warns(RuntimeWarning, match=r"problems \[1\] have NaN/inf in their data.*"
-                                            r"problems \[1\] were not finite at their initial"):
+                                            r"problems \[1\] failed at their first step"):
         res = vi.fit_many(make, xs, ys, family="meanfield", key=jax.random.key(0),
                           progress=False, tol=None, num_steps=200)
     assert res.status.tolist() == ["max_steps", "nonfinite", "max_steps", "max_steps"]
@@ -725,6 +725,22 @@ def test_keys_init_params_and_step_counts_are_checked(gauss3):
     res = vi.fit(gauss3.target, "meanfield", key=jnp.zeros(2, jnp.uint32), tol=None,
                  num_steps=np.int64(30), num_samples=np.int32(2), progress=False)
     assert res.num_steps == 30 and isinstance(res.num_steps, int)
+    # A NumPy count of ELBO draws, then the equal int: the cached estimate program serves both.
+    for n in (np.int64(50), 50):
+        res = vi.fit(gauss3.target, "meanfield", key=key, tol=None, num_steps=10, progress=False,
+                     num_elbo_samples=n)
+        assert np.isfinite(float(res.elbo.mean))
+
+
+def test_optax_like_optimizers_are_accepted(gauss3):
+    # Not every optax optimizer is a GradientTransformation instance (MultiSteps is a class with
+    # init/update): duck typing, as optax itself.
+    for opt in (optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+                optax.chain(optax.clip(1.0), optax.adam(1e-2)),
+                optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)):
+        res = vi.fit(gauss3.target, "meanfield", key=jax.random.key(0), tol=None, num_steps=20,
+                     optimizer=opt, progress=False)
+        assert res.num_steps == 20
 
 
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])

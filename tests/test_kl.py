@@ -273,6 +273,7 @@ def test_normal_pair_against_float64_closed_form():
     ref = np.log(sq / sp) + (sp**2 + (mp - mq) ** 2) / (2 * sq**2) - 0.5
     p, q = dist.Normal(_f(mp), _f(sp)), dist.Normal(_f(mq), _f(sq))
     np.testing.assert_allclose(kl_divergence(p, q), ref, rtol=2e-6, atol=1e-6)
+    assert nkl.kl_divergence.dispatch(dist.Normal, dist.Normal) is vi.kl._kl_normal
     np.testing.assert_allclose(nkl.kl_divergence(p, q), ref, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(kl_divergence(p.to_event(1), q.expand((100, 3)).to_event(1)),
                                ref.sum(-1), rtol=2e-6, atol=1e-5)
@@ -280,6 +281,20 @@ def test_normal_pair_against_float64_closed_form():
         args = tuple(jnp.asarray(a[:4]) for a in (mp, sp)) + (jnp.asarray(mq), jnp.asarray(sq))
         check_grads(lambda a, b, c, e: kl_divergence(dist.Normal(a, b), dist.Normal(c, e)),
                     args, order=1, modes=["rev"])
+
+
+def test_normal_pair_is_accurate_when_p_is_close_to_q():
+    # KL ~ 1e-8 for scales and means equal to 1e-4: numpyro's r² - 1 - log r² loses every digit
+    # in float32 (median relative error 0.17); the expm1 form keeps about three.
+    rng = np.random.default_rng(1)
+    mp, sp = rng.normal(size=20_000), np.exp(rng.normal(size=20_000))
+    mq, sq = mp + 1e-4 * rng.normal(size=20_000), sp * (1 + 1e-4 * rng.normal(size=20_000))
+    args = [_f(x) for x in (mp, sp, mq, sq)]
+    a, b, c, e = (np.asarray(x, np.float64) for x in args)  # the float32 inputs, exactly
+    ref = np.log(e / b) + (b**2 + (a - c) ** 2) / (2 * e**2) - 0.5
+    got = np.asarray(kl_divergence(dist.Normal(args[0], args[1]), dist.Normal(args[2], args[3])))
+    assert np.median(np.abs(got - ref) / ref) < 2e-3
+    assert (got >= 0).all()
 
 
 def test_no_dispatch_ambiguities():
@@ -701,7 +716,7 @@ def test_streaming_surprise_errors():
         streaming_surprise(dist.Dirichlet(jnp.ones(3)), jnp.zeros((5, 4)))
     # Observations outside the likelihood's support would give NaN/inf surprises.
     for prior, obs, want in (
-        (dist.Beta(1.0, 1.0), jnp.array([1.0, 2.0]), r"in \{0, 1\}; got observations\[1\] = 2.0"),
+        (dist.Beta(1.0, 1.0), jnp.array([1.0, 2.0]), r"in \[0, 1\].*got observations\[1\] = 2.0"),
         (dist.Gamma(1.0, 1.0), jnp.array([-2.0, 0.5]), r"counts >= 0; got observations\[0\]"),
         (dist.Dirichlet(jnp.ones(3)), -jnp.eye(3), r"counts >= 0.*3 such entries"),
     ):

@@ -461,6 +461,7 @@ def test_shape_errors_name_both_shapes():
         with pytest.raises(TypeError, match="base must be a number"):
             m.entropy(jnp.ones(2) / 2, base=bad)
     assert float(m.entropy(jnp.ones(2) / 2, base=jnp.array(2.0))) == 1.0
+    assert float(m.entropy(jnp.ones(2) / 2, base=jnp.bfloat16(2))) == 1.0  # NumPy kind "V"
     assert float(jax.jit(lambda b: m.entropy(jnp.ones(2) / 2, base=b))(2.0)) == 1.0
 
 
@@ -485,6 +486,10 @@ def test_invalid_entries_are_nan_not_dropped(jit):
     p0 = jnp.array([0.5, 0.5, 0.0])
     assert np.isfinite(wrap(m.kl_divergence)(p0, q))
     assert np.all(np.isfinite(jax.grad(lambda p: m.kl_divergence(p, q))(p0)))
+    # and a zero joint entry passes no gradient through the marginals either (as before).
+    joint0 = jnp.array([[0.5, 0.0], [0.25, 0.25]])
+    assert float(wrap(jax.grad(m.mutual_information))(joint0)[0, 1]) == 0.0
+    assert float(wrap(jax.grad(m.conditional_entropy))(joint0)[0, 1]) == 0.0
 
 
 def test_validate_reports_offending_values():

@@ -798,7 +798,7 @@ def _check_common(target, key, tol, num_elbo_samples):
     _check_key(key)
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
-    if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):
+    if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):  # (int() by the callers)
         raise ValueError(
             f"num_elbo_samples: expected a non-negative integer (0: no final estimate), got "
             f"{num_elbo_samples!r}"
@@ -846,9 +846,13 @@ def _check_key(key):
 
 
 def _check_optimizer(optimizer):
-    if optimizer is None or isinstance(optimizer, optax.GradientTransformation):
-        return
     kind = type(optimizer).__module__ or ""
+    if optimizer is None or isinstance(optimizer, optax.GradientTransformation) or (
+        # optax's own wrappers that are classes (optax.MultiSteps), and other optax-like objects
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+        and not kind.startswith("numpyro")
+    ):
+        return
     if kind.startswith("numpyro"):
         hint = ("numpyro.optim optimizers are not supported; pass the optax one, e.g. "
                 "optax.adam(1e-2)")
@@ -975,6 +979,8 @@ def fit(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     _check_common(target, key, tol, num_elbo_samples)
+    # A NumPy integer would key the cached estimate program as the equal int: one kind only.
+    num_elbo_samples = int(num_elbo_samples)
     cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
     _check_init_params(family, init_params, key, target.dim, dtype)
@@ -1258,6 +1264,7 @@ def fit_many(
     )
     targets = jax.vmap(make_target)(*batched_args)
     _check_common(targets, key, tol, num_elbo_samples)
+    num_elbo_samples = int(num_elbo_samples)  # as in fit
     cfg = _with_presample(cfg, targets.dim, B, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
@@ -1291,8 +1298,8 @@ def fit_many(
             message += f"; problems {_some(with_nan)} have NaN/inf in their data (batched_args)"
         at_start = bad[np.asarray(steps)[bad] == 0]
         if at_start.size:
-            message += (f"; problems {_some(at_start)} were not finite at their initial "
-                        "parameters (check their log density and data)")
+            message += (f"; problems {_some(at_start)} failed at their first step (check their "
+                        "log density and data)")
         message += (". Hint: lower the step size (optimizer=...), or check the targets' log "
                     "density for overflow")
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)

@@ -94,6 +94,11 @@ def _check_base(base):
     if isinstance(base, jax.core.Tracer):
         return
     values = np.asarray(base)
+    if values.dtype.kind not in "iuf":  # bfloat16 arrives as kind "V": compare it as a float
+        try:
+            values = values.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
     if values.dtype.kind not in "iuf" or not (
         np.all(values > 0) and np.all(values != 1) and np.all(np.isfinite(values))
     ):
@@ -235,7 +240,8 @@ def _from_prob(p):
     # unchecked under jit or with validate=False) makes the result NaN rather than vanish.
     pos = p != 0
     logp = jnp.log(jnp.where(pos, p, 1))
-    return _Table(jnp.where(p >= 0, p, jnp.nan), logp, pos)
+    # A zero entry's mass is the constant 0 (no gradient through it, as before); NaN otherwise.
+    return _Table(jnp.where(p > 0, p, jnp.where(p == 0, 0.0, jnp.nan)), logp, pos)
 
 
 def _from_log(logp, normalized=True):
