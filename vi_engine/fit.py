@@ -346,7 +346,9 @@ def _make_window(cfg: _Config, skip_when_done: bool = True):
         (state, count), losses = jax.lax.scan(body, init, keys)
         ran = jnp.arange(cfg.window) < count
         finite = jnp.all(jnp.isfinite(losses) | ~ran) & _all_finite(state.params)
-        if cfg.check_plateau:
+        # Not in a NaN replay: should it not meet the fault again (a separately compiled
+        # program), its window must not cut the step size or swap in averaged parameters.
+        if cfg.check_plateau and not cfg.guard_steps:
             state = _plateau_update(state, losses, count, tol, cfg.rule, cfg.window)
         hit_cap = ~state.done & (state.step >= max_steps)
         state = state._replace(
