@@ -315,7 +315,9 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
         count = jnp.sum(counts, axis=0)
         mean = jnp.sum(counts * means, axis=0) / count
         m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
-    stderr = jnp.sqrt(m2 / (count - 1) / count)
+    # A draw where q has no density makes the KL exactly +inf (p puts mass outside q's support):
+    # no sampling error, and m2 (inf - inf) would make the stderr NaN.
+    stderr = jnp.where(jnp.isposinf(mean), 0.0, jnp.sqrt(m2 / (count - 1) / count))
     log_base = _log_base(base, mean.dtype)
     if log_base is not None:
         mean, stderr = mean / log_base, stderr / log_base
