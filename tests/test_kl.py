@@ -726,3 +726,12 @@ def test_streaming_surprise_errors():
             streaming_surprise(prior, obs)
     with pytest.raises(ValueError, match="finite Normal observations"):
         streaming_surprise(dist.Normal(0.0, 1.0), jnp.array([0.0, jnp.nan]), obs_scale=1.0)
+
+
+def test_poisson_pair_gradient_is_finite_at_rate_zero():
+    # d/dr KL(Poi(r) || Poi(2)) = log(r / 2); at r = 0 the package's convention at zeros gives
+    # a finite value (the r·log r term passes none) instead of xlogy's NaN (0/0).
+    f = lambda r: kl_divergence(dist.Poisson(r), dist.Poisson(2.0))
+    assert float(f(0.0)) == 2.0 and np.isfinite(float(jax.grad(f)(0.0)))
+    np.testing.assert_allclose(jax.grad(f)(1.0), math.log(0.5), rtol=1e-6)
+    np.testing.assert_allclose(f(1.0), math.log(0.5) + 1.0, rtol=1e-6)

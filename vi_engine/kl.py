@@ -562,7 +562,9 @@ for _tp in (BinomialProbs, BinomialLogits):
 @register_kl(Poisson, Poisson)
 def _kl_poisson(p, q):
     lp, lq = p.rate, q.rate
-    return xlogy(lp, lp) - xlogy(lp, lq) - lp + lq
+    # rate_p · log(rate_p / rate_q) with 0 · log 0 = 0 and a finite gradient at rate_p = 0 (the
+    # package's convention at zeros, as for Categorical); xlogy's was NaN there (0/0).
+    return _xlogr(lp, _safe_log(lp), jnp.log(lq)) - lp + lq
 
 
 def _kl_poisson_binomial(p, q):
