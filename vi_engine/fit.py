@@ -677,6 +677,16 @@ def clear_caches() -> None:
         fn.cache_clear()
 
 
+def _setup_executable(cfg, batch, dim, dtype, key, init_params, compile_there=False):
+    """Future of the compiled setup (``_setup_fn``), at the least compile effort: it runs once
+    per fit (and again for a NaN replay of the single executable's steps)."""
+    return _executable(
+        _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch),
+        ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
+        effort="minimal", compile_there=compile_there,
+    )
+
+
 def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
              num_elbo_samples):
     """Start a fit that runs window by window: ``((state, run key, final key), future of the
@@ -694,10 +704,7 @@ def _prepare(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr,
         state, k_run, target, tol_arr, cap_arr, compile_there=True,
         effort=_window_tiers(cfg, dim, batch, dtype, key),
     )
-    setup = _executable(
-        jitted_setup, ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
-        effort="minimal", compile_there=True,
-    )
+    setup = _setup_executable(cfg, batch, dim, dtype, key, init_params, compile_there=True)
     final = _final_executables(cfg.family, num_elbo_samples, batched, k_final, state.params,
                                target, compile_there=True)
     state, k_run, k_final = setup.result()(key, init_params)
@@ -791,6 +798,8 @@ def _fmt(x):
 
 
 def _check_common(target, key, tol, num_elbo_samples):
+    """Check the arguments fit and fit_many share; returns ``num_elbo_samples`` as an int (a
+    NumPy integer would key the cached estimate program as the equal int: one kind only)."""
     if not (hasattr(target, "log_density") and hasattr(target, "dim")):
         raise TypeError(
             f"target: expected a vi.Target (with .log_density and .dim), got "
@@ -800,11 +809,12 @@ def _check_common(target, key, tol, num_elbo_samples):
     _check_key(key)
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
-    if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):  # (int() by the callers)
+    if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):
         raise ValueError(
             f"num_elbo_samples: expected a non-negative integer (0: no final estimate), got "
             f"{num_elbo_samples!r}"
         )
+    return int(num_elbo_samples)
 
 
 def _some(indices, limit=10):
@@ -980,9 +990,7 @@ def fit(
     family, cfg, cap, per_sync = _configure(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
-    _check_common(target, key, tol, num_elbo_samples)
-    # A NumPy integer would key the cached estimate program as the equal int: one kind only.
-    num_elbo_samples = int(num_elbo_samples)
+    num_elbo_samples = _check_common(target, key, tol, num_elbo_samples)
     cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
     _check_init_params(family, init_params, key, target.dim, dtype)
@@ -1053,11 +1061,7 @@ def _optimize(cfg, batch, dim, dtype, key, init_params, target, tol_arr, cap_arr
         params, info, losses, k_final = program(*args)
 
         def start():  # rolled back to the setup state: rebuild it (same key, same state)
-            setup = _executable(
-                _compiled_setup(cfg.family, cfg.optimizer, dim, dtype, batch),
-                ("setup", cfg.family, cfg.optimizer, dim, dtype, batch), key, init_params,
-                effort="minimal",
-            )
+            setup = _setup_executable(cfg, batch, dim, dtype, key, init_params)
             return setup.result()(key, init_params)
 
         return _Run(params, jax.device_get(info), [losses], final, k_final, start,
@@ -1265,8 +1269,7 @@ def fit_many(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     targets = jax.vmap(make_target)(*batched_args)
-    _check_common(targets, key, tol, num_elbo_samples)
-    num_elbo_samples = int(num_elbo_samples)  # as in fit
+    num_elbo_samples = _check_common(targets, key, tol, num_elbo_samples)
     cfg = _with_presample(cfg, targets.dim, B, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
