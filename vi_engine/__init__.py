@@ -33,6 +33,7 @@ from vi_engine.targets import Target
 from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family, register_family
 from vi_engine.fit import FitResult, StoppingRule, default_optimizer, fit, fit_many
 from vi_engine.objectives import ELBO, IWAE, Estimate, Renyi, elbo, get_objective, log_weights
+from vi_engine.preconditioning import Laplace, laplace
 
 __version__ = "0.1.0"
 
@@ -82,6 +83,8 @@ __all__ = [
     "elbo",
     "fit",
     "fit_many",
+    "Laplace",
+    "laplace",
     "get_family",
     "get_objective",
     "log_weights",

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from vi_engine import _compile
 from vi_engine.families import Family, get_family
 from vi_engine.objectives import ELBO, Estimate, elbo, get_objective
+from vi_engine.targets import Target
 
 # Status codes, kept as int32 inside the compiled loop.
 RUNNING, CONVERGED, MAX_STEPS, NONFINITE = 0, 1, 2, 3
@@ -953,6 +954,7 @@ def fit(
     max_steps=DEFAULT_MAX_STEPS,
     stopping=DEFAULT_STOPPING,
     num_elbo_samples=1000,
+    precondition=None,
 ):
     """Fit a variational family q to a target p̃ by minimizing KL(q‖p̃) (maximizing the ELBO).
 
@@ -977,6 +979,11 @@ def fit(
       stopping: a ``vi.StoppingRule`` (window, patience, factor, max_decays, z).
       num_elbo_samples: draws for the final ELBO estimate; ``0`` skips it (``elbo`` is then
         ``None``). It is compiled only when read either way; ``0`` saves lowering it.
+      precondition: ``None``, ``"laplace"`` or a ``vi.Laplace`` (from ``vi.laplace(target)``):
+        fit in coordinates whitened by the Laplace approximation, starting from it, and map
+        the result back (same family, over the target's ``z``). For badly scaled or strongly
+        correlated posteriors, where Adam's steps cannot follow the ridge (see
+        ``vi_engine.preconditioning``); needs a proper mode. Gaussian families only.
 
     Returns:
       ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
@@ -987,6 +994,13 @@ def fit(
     >>> res.posterior.mean.shape
     (3,)
     """
+    if precondition is not None:
+        return _fit_preconditioned(
+            target, family, precondition, init_params,
+            dict(key=key, num_steps=num_steps, optimizer=optimizer, num_samples=num_samples,
+                 objective=objective, tol=tol, progress=progress, max_steps=max_steps,
+                 stopping=stopping, num_elbo_samples=num_elbo_samples),
+        )
     family, cfg, cap, per_sync = _configure(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
@@ -1021,6 +1035,48 @@ def fit(
         message=message,
         family=family,
         target=target,
+    )
+
+
+def _fit_preconditioned(target, family, precondition, init_params, kwargs):
+    """``fit`` in coordinates whitened by a Laplace approximation
+    (``vi_engine.preconditioning``)."""
+    from vi_engine import preconditioning as lp
+
+    family = get_family(family)
+    lp.check_family(family)
+    if not isinstance(target, Target):
+        raise TypeError(f"target: expected a vi.Target, got {type(target).__name__}")
+    if isinstance(precondition, str):
+        if precondition != "laplace":
+            raise ValueError(
+                f"precondition: expected None, 'laplace' or a vi.Laplace, got {precondition!r}"
+            )
+        lap = lp.laplace(target)
+    elif isinstance(precondition, lp.Laplace):
+        lap = precondition
+        if np.shape(lap.mode) != (target.dim,) or np.shape(lap.scale_tril) != (target.dim,) * 2:
+            raise ValueError(
+                f"precondition: a vi.Laplace over dim {target.dim} expected, got mode shape "
+                f"{np.shape(lap.mode)} and scale_tril shape {np.shape(lap.scale_tril)}"
+            )
+    else:
+        raise TypeError(
+            "precondition: expected None, 'laplace' or a vi.Laplace, got "
+            f"{type(precondition).__name__}"
+        )
+    dtype = _dtype()
+    mode = jnp.asarray(lap.mode, dtype)
+    lo = jnp.asarray(lp.whitening(family, lap), dtype)
+    start = lp.start_family(family)
+    if init_params is not None:
+        _check_init_params(family, init_params, kwargs["key"], target.dim, dtype)
+        init_params = lp.to_w(start, init_params, mode, lo)
+    res = fit(lp.whitened_target(target, mode, lo), start, init_params=init_params, **kwargs)
+    params = lp.to_z(start, res.params, mode, lo)
+    return dataclasses.replace(
+        res, posterior=_posterior(_compiled_final(family)(params)), params=params,
+        family=family, target=target,
     )
 
 
