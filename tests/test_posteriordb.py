@@ -1,48 +1,78 @@
-"""Fits checked against posteriordb's gold-standard reference posteriors (../shared/reference)."""
+"""Fits checked against posteriordb's gold-standard reference posteriors (../shared/reference).
 
-import json
-from pathlib import Path
+The models are ``benchmarks/posteriordb.py``; the reference summaries pooled Stan NUTS draws.
+Bounds are the measured values (3 seeds, ``benchmarks/posteriordb.py`` sweep) with a margin;
+max |z| is the largest error of a posterior mean in reference sds.
+"""
 
 import jax
-import jax.numpy as jnp
-import numpyro
-import numpyro.distributions as dist
 import pytest
 
 import vi_engine as vi
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "posteriordb"
-
-
-def _load(name):
-    data = REFERENCE / f"{name}.data.json"
-    if not data.exists():
-        pytest.skip(f"posteriordb reference not found at {REFERENCE}")
-    ref = json.loads((REFERENCE / f"{name}.reference.json").read_text())["parameters"]
-    return json.loads(data.read_text()), ref
+from benchmarks import posteriordb as pdb
 
 
-def eight_schools_noncentered(y, sigma):
-    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
-    theta_trans = numpyro.sample("theta_trans", dist.Normal(0.0, 1.0).expand([8]).to_event(1))
-    theta = numpyro.deterministic("theta", mu + tau * theta_trans)
-    numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+def _fit(name, family="fullrank", key=0, **kw):
+    if not pdb.available():
+        pytest.skip(f"posteriordb reference not found at {pdb.REFERENCE}")
+    model, args, ref = pdb.load(name)
+    target = vi.Target.from_numpyro(model, *args)
+    res = vi.fit(target, family, key=jax.random.key(key), progress=False, **kw)
+    assert res.converged, res.message
+    draws = res.sample(jax.random.key(key + 1), 20_000)
+    return res, pdb.compare(draws, ref), draws, ref
 
 
 def test_eight_schools_fullrank_matches_the_reference_means():
-    data, ref = _load("eight_schools-eight_schools_noncentered")
-    target = vi.Target.from_numpyro(
-        eight_schools_noncentered, jnp.array(data["y"], float), jnp.array(data["sigma"], float)
-    )
-    res = vi.fit(target, "fullrank", key=jax.random.key(0), progress=False)
-    assert res.converged, res.message
-    draws = res.sample(jax.random.key(1), 20_000)
-    values = {"mu": draws["mu"], "tau": draws["tau"]}
-    values.update({f"theta[{j + 1}]": draws["theta"][:, j] for j in range(8)})
-    for name, v in values.items():
-        z = (float(v.mean()) - ref[name]["mean"]) / ref[name]["sd"]
-        # VI under-disperses tau's heavy right tail a little; every mean stays within 0.25 sd.
-        assert abs(z) < 0.25, (name, float(v.mean()), ref[name]["mean"])
+    _, c, draws, ref = _fit("eight_schools-eight_schools_noncentered")
+    # VI under-disperses tau's heavy right tail a little; every mean stays within 0.25 sd
+    # (measured max 0.16, at tau).
+    assert c["max_abs_z"] < 0.25, c
     # The population mean's spread is captured (reverse KL shrinks it slightly).
-    assert 0.8 < float(values["mu"].std()) / ref["mu"]["sd"] < 1.1
+    assert 0.8 < c["params"]["mu"]["sd_ratio"] < 1.1, c
+
+
+def test_eight_schools_centered_funnel_keeps_the_means_and_shrinks_tau():
+    # The funnel: a Gaussian over (mu, log tau, theta) cannot follow it, and reverse KL picks
+    # the narrow part. Measured: max |z| 0.19-0.32 (tau), tau's sd 0.36-0.41 of the reference.
+    _, c, _, _ = _fit("eight_schools-eight_schools_centered")
+    assert c["max_abs_z"] < 0.45, c
+    assert c["params"]["tau"]["sd_ratio"] < 0.6, c
+    assert all(c["params"][f"theta[{j}]"]["sd_ratio"] > 0.75 for j in range(1, 9)), c
+
+
+@pytest.mark.parametrize(
+    "name, sd_low",
+    [
+        # Measured max |z| 0.02-0.03 and sd ratios 0.98-1.01 (arK), 0.88-0.98 (garch: alpha0's
+        # right skew), 0.98-1.00 (the mixture), over 3 seeds.
+        ("arK-arK", 0.9),
+        ("garch-garch11", 0.8),
+        ("low_dim_gauss_mix-low_dim_gauss_mix", 0.9),
+    ],
+)
+def test_near_gaussian_posteriors_with_the_defaults(name, sd_low):
+    _, c, _, _ = _fit(name)
+    assert c["max_abs_z"] < 0.1, c
+    assert sd_low < c["sd_ratio_min"] and c["sd_ratio_max"] < 1.1, c
+
+
+def test_meanfield_underdisperses_as_theory_says_on_ark():
+    # The AR coefficients are correlated (about -0.6 between neighbours): mean-field keeps the
+    # means and reports sds near sqrt(1/Λ_ii), 0.23 of the marginal for the worst (measured
+    # 0.23 on 3 seeds, max |z| 0.17-0.41).
+    _, c, _, _ = _fit("arK-arK", "meanfield")
+    assert c["max_abs_z"] < 0.6, c
+    assert 0.15 < c["sd_ratio_min"] < 0.35, c
+    assert c["params"]["sigma"]["sd_ratio"] > 0.9, c  # nearly independent of the rest
+
+
+def test_gp_poisson_regression_preconditioned_in_float64():
+    # float32 is not enough for this model: its 11x11 kernel Cholesky (jitter 1e-10) turns
+    # NaN during the fit, and the fit stops there ("nonfinite", measured). In float64 the
+    # defaults reach max |z| 0.61-0.76 (alpha, right-skewed); from the Laplace approximation
+    # 0.08, with a better ELBO (-49.0 vs -49.4).
+    with jax.enable_x64(True):
+        res, c, _, _ = _fit("gp_pois_regr-gp_pois_regr", precondition="laplace")
+        assert c["max_abs_z"] < 0.25, c
+        assert float(res.elbo.mean) > -49.3, res.elbo
