@@ -53,6 +53,18 @@ _QUICK = {
         "gaussian_kl_bar": 0.01,
         "seed": 0,
     },
+    "posteriordb": {
+        "posteriors": [
+            "eight_schools-eight_schools_noncentered", "eight_schools-eight_schools_centered",
+            "arK-arK", "garch-garch11", "gp_pois_regr-gp_pois_regr",
+            "kidiq-kidscore_interaction", "kilpisjarvi_mod-kilpisjarvi",
+            "low_dim_gauss_mix-low_dim_gauss_mix",
+        ],
+        "numpyro_steps": 10_000,
+        "draws": 20_000,
+        "elbo_draws": 10_000,
+        "seed": 0,
+    },
 }
 
 _FULL = copy.deepcopy(_QUICK)
@@ -95,6 +107,8 @@ _TINY = {
     "kl": {"diag_pairs": 1000, "diag_dim": 4, "mvn_pairs": 100, "mvn_dim": 4},
     "flows": {"targets": ["gaussian"], "fixed_steps": 50, "num_elbo_samples": 2000,
               "grid_n": 401, "gaussian_kl_bar": 0.01, "seed": 0},
+    "posteriordb": {"posteriors": ["arK-arK"], "numpyro_steps": 200, "draws": 2000,
+                    "elbo_draws": 1000, "seed": 0},
 }
 
 MODES = {"tiny": _TINY, "quick": _QUICK, "full": _FULL}

@@ -46,7 +46,8 @@ def _numbers_ok(x, path="$"):
 def test_exit_code_and_table(tiny_run):
     proc, _ = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("accuracy", "throughput", "fit_many", "kl", "acceptance numbers"):
+    for name in ("accuracy", "throughput", "fit_many", "kl", "posteriordb",
+                 "acceptance numbers"):
         assert f"== {name}" in proc.stdout
     assert "[bench" in proc.stderr  # progress lines
 
@@ -65,7 +66,7 @@ def test_json_well_formed(tiny_run):
         assert key in m
     assert m["versions"]["jax"] and m["versions"]["numpyro"]
     names = [c["name"] for c in res["cases"]]
-    assert names == ["accuracy", "throughput", "fit_many", "kl", "flows"]
+    assert names == ["accuracy", "throughput", "fit_many", "kl", "flows", "posteriordb"]
     for case in res["cases"]:
         assert "error" not in case, case.get("error")
         t = case["table"]
@@ -89,6 +90,11 @@ def test_json_well_formed(tiny_run):
     assert all(v["steps_per_s"] > 0 and v["elbo_evals_per_s"] > 0 for v in thr.values())
     kl = res["cases"][3]["data"]
     assert kl["diag"]["vi_engine"]["pairs_per_s"] > 0 and kl["mvn"]["vi_engine"]["pairs_per_s"] > 0
+    pdb = res["cases"][5]["data"]
+    if "skipped" not in pdb:  # the reference lies outside a clean clone
+        ark = pdb["posteriors"]["arK-arK"]
+        assert set(ark) == {"vi_engine", "vi_engine laplace", "numpyro"}
+        assert all(e["compare"]["max_abs_z"] >= 0 and e["seconds"] > 0 for e in ark.values())
 
 
 def test_markdown_and_plots(tiny_run):
