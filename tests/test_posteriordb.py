@@ -76,3 +76,14 @@ def test_gp_poisson_regression_preconditioned_in_float64():
         res, c, _, _ = _fit("gp_pois_regr-gp_pois_regr", precondition="laplace")
         assert c["max_abs_z"] < 0.25, c
         assert float(res.elbo.mean) > -49.3, res.elbo
+
+
+def test_the_funnel_has_no_laplace_mode_and_says_so():
+    if not pdb.available():
+        pytest.skip(f"posteriordb reference not found at {pdb.REFERENCE}")
+    model, args, _ = pdb.load("eight_schools-eight_schools_centered")
+    target = vi.Target.from_numpyro(model, *args)
+    # Down the funnel's neck the density is unbounded: the search runs off (measured: log p̃
+    # from -43 to -8e20) or ends at an indefinite Hessian; either way it is named.
+    with pytest.raises(ValueError, match="no proper mode.*funnel"):
+        vi.fit(target, "fullrank", key=jax.random.key(0), precondition="laplace")
