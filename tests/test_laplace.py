@@ -148,3 +148,40 @@ def test_preconditioned_fullrank_matches_badly_conditioned_references(name):
     # preconditioning 1.9-2.7 and down to 0.00, reported as converged.
     assert c["max_abs_z"] < 0.15, c
     assert 0.9 < c["sd_ratio_min"] and c["sd_ratio_max"] < 1.1, c
+
+
+@pytest.mark.parametrize("c", [0.0, -1e5])
+def test_the_mode_does_not_depend_on_an_additive_constant(c):
+    # An unnormalized density is defined up to a constant; a stopping test relative to
+    # |log p̃| stopped at 0.71 (mode 3) for c = -1e5 in float32 (review).
+    def log_p(z, c):
+        return -jnp.sum(jnp.logaddexp(z - 3.0, 3.0 - z)) - 0.5 * jnp.sum((z - 3.0) ** 2) + c
+
+    lap = vi.laplace(vi.Target.from_log_density(log_p, 2, data=(jnp.asarray(c),)))
+    assert lap.converged and float(lap.decrement) <= 1e-5
+    np.testing.assert_allclose(lap.mode, [3.0, 3.0], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["fullrank", "meanfield", "lowrank"])
+def test_a_float64_laplace_preconditions_a_float32_fit(family):
+    def log_p(z):
+        return -0.5 * jnp.sum((z - jnp.array([1.0, 2.0])) ** 2 / jnp.array([4.0, 0.01]))
+
+    with jax.enable_x64(True):
+        lap = vi.laplace(vi.Target.from_log_density(log_p, 2))
+    res = vi.fit(vi.Target.from_log_density(log_p, 2), family, key=jax.random.key(0),
+                 progress=False, precondition=lap)
+    assert res.posterior.mean.dtype == jnp.float32
+    np.testing.assert_allclose(res.posterior.mean, [1.0, 2.0], rtol=0.05)
+
+
+def test_an_unconverged_laplace_is_used_with_a_warning_and_arguments_are_checked_first(skewed):
+    lap = vi.laplace(skewed.target)._replace(converged=False)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        vi.fit(skewed.target, "fullrank", key=jax.random.key(0), progress=False,
+               precondition=lap, tol=None, num_steps=10, num_elbo_samples=0)
+    with pytest.raises(TypeError, match="key"):  # before a mode search
+        vi.fit(skewed.target, "fullrank", key=None, precondition="laplace")
+    res = vi.fit(skewed.target, "fullrank", key=jax.random.key(0), progress=False,
+                 precondition=False, tol=None, num_steps=10, num_elbo_samples=0)
+    assert res.num_steps == 10

@@ -979,7 +979,8 @@ def fit(
       stopping: a ``vi.StoppingRule`` (window, patience, factor, max_decays, z).
       num_elbo_samples: draws for the final ELBO estimate; ``0`` skips it (``elbo`` is then
         ``None``). It is compiled only when read either way; ``0`` saves lowering it.
-      precondition: ``None``, ``"laplace"`` or a ``vi.Laplace`` (from ``vi.laplace(target)``):
+      precondition: ``None`` (or ``False``), ``"laplace"`` or a ``vi.Laplace`` (from
+        ``vi.laplace(target)``):
         fit in coordinates whitened by the Laplace approximation, starting from it, and map
         the result back (same family, over the target's ``z``). For badly scaled or strongly
         correlated posteriors, where Adam's steps cannot follow the ridge (see
@@ -994,7 +995,7 @@ def fit(
     >>> res.posterior.mean.shape
     (3,)
     """
-    if precondition is not None:
+    if precondition is not None and precondition is not False:
         return _fit_preconditioned(
             target, family, precondition, init_params,
             dict(key=key, num_steps=num_steps, optimizer=optimizer, num_samples=num_samples,
@@ -1047,12 +1048,29 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs):
     lp.check_family(family)
     if not isinstance(target, Target):
         raise TypeError(f"target: expected a vi.Target, got {type(target).__name__}")
+    # Every argument is checked before the mode search (a second or more of compiling).
+    _configure(family, kwargs["objective"], kwargs["num_samples"], kwargs["optimizer"],
+               kwargs["num_steps"], kwargs["tol"], kwargs["progress"], kwargs["stopping"],
+               kwargs["max_steps"])
+    _check_common(target, kwargs["key"], kwargs["tol"], kwargs["num_elbo_samples"])
+    dtype = _dtype()
+    if init_params is not None:
+        _check_init_params(family, init_params, kwargs["key"], target.dim, dtype)
     if isinstance(precondition, str):
         if precondition != "laplace":
             raise ValueError(
                 f"precondition: expected None, 'laplace' or a vi.Laplace, got {precondition!r}"
             )
         lap = lp.laplace(target)
+        if not lap.converged:
+            raise ValueError(
+                f"vi.fit: precondition='laplace': the mode search of target {target.name!r} did "
+                f"not converge (Newton decrement {float(lap.decrement):.3g} nats after "
+                f"{lap.num_iters} L-BFGS iterations and {lap.num_newton} Newton steps, log p̃ "
+                f"{float(lap.log_density):.6g}): no proper mode? (an unbounded density such as "
+                "a hierarchical funnel). Fit without precondition, or pass vi.laplace(target, "
+                "init=...) after checking it."
+            )
     elif isinstance(precondition, lp.Laplace):
         lap = precondition
         if np.shape(lap.mode) != (target.dim,) or np.shape(lap.scale_tril) != (target.dim,) * 2:
@@ -1060,17 +1078,23 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs):
                 f"precondition: a vi.Laplace over dim {target.dim} expected, got mode shape "
                 f"{np.shape(lap.mode)} and scale_tril shape {np.shape(lap.scale_tril)}"
             )
+        if not lap.converged:
+            warnings.warn(
+                "vi.fit: the vi.Laplace passed as precondition did not converge (Newton "
+                f"decrement {float(lap.decrement):.3g} nats): the whitening may be poor.",
+                RuntimeWarning, stacklevel=3,
+            )
     else:
         raise TypeError(
             "precondition: expected None, 'laplace' or a vi.Laplace, got "
             f"{type(precondition).__name__}"
         )
-    dtype = _dtype()
-    mode = jnp.asarray(lap.mode, dtype)
-    lo = jnp.asarray(lp.whitening(family, lap), dtype)
+    # In this fit's dtype (a Laplace computed under x64 may whiten a float32 fit).
+    lap = lap._replace(**{f: jnp.asarray(np.asarray(getattr(lap, f)), dtype)
+                          for f in ("mode", "scale_tril", "precision")})
+    mode, lo = lap.mode, lp.whitening(family, lap)
     start = lp.start_family(family)
     if init_params is not None:
-        _check_init_params(family, init_params, kwargs["key"], target.dim, dtype)
         init_params = lp.to_w(start, init_params, mode, lo)
     res = fit(lp.whitened_target(target, mode, lo), start, init_params=init_params, **kwargs)
     params = lp.to_z(start, res.params, mode, lo)

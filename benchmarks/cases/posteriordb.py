@@ -114,7 +114,7 @@ def run(cfg, ctx) -> dict:
                     c = pdb.compare(draws, ref)
                 except ValueError as err:  # laplace: no proper mode
                     entry[method] = {"error": str(err).splitlines()[0]}
-                    rows.append([name, method, "no proper mode" if "definite" in str(err)
+                    rows.append([name, method, "no proper mode" if "no proper mode" in str(err)
                                  else "error", None, None, None, None, None])
                     continue
                 worst = max(c["params"].items(), key=lambda kv: abs(kv[1]["z"]))[0]
