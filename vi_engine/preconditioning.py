@@ -1,8 +1,11 @@
 """The Laplace approximation, and preconditioning a fit with it.
 
-``laplace(target)`` finds the mode of ``log p̃`` with optax's L-BFGS (zoom line search), all in
-one compiled ``lax.while_loop``, and takes the Hessian there: ``N(mode, H⁻¹)`` with
-``H = -∇² log p̃(mode)``.
+``laplace(target)`` finds the mode of ``log p̃`` with optax's L-BFGS (zoom line search) and then
+Newton steps with the exact Hessian (affine invariant: they cross a ridge that L-BFGS crawls
+along), all in one compiled program, and takes the Hessian there: ``N(mode, H⁻¹)`` with
+``H = -∇² log p̃(mode)``. It is done when the Newton decrement (what another Newton step would
+gain, in nats) is below a tolerance: a test that neither the parameters' scales nor an
+additive constant in ``log p̃`` can fool.
 
 Why a fit needs it. Adam takes steps of about its learning rate in every coordinate, so its
 learning rate assumes a posterior of roughly unit scale with no strong correlations. Real
@@ -27,7 +30,8 @@ Gaussian), with the mode as the new origin. Other families are not supported yet
 
 It needs a mode with a positive-definite Hessian: not the case for a hierarchical funnel
 (eight schools, centred: the density is unbounded as the population scale goes to 0), where
-``laplace`` raises, naming the problem.
+``laplace`` raises, naming the problem (the search ran off, ended at a non-finite value, or at
+an indefinite Hessian).
 """
 
 from __future__ import annotations
