@@ -225,11 +225,38 @@ def test_threads_fitting_the_same_shapes_compile_each_program_once(monkeypatch, 
         t.join()
     assert not errors, errors
     assert len(compiled) == len(set(compiled)), "a program was compiled more than once"
-    # fixed: the single executable, posterior, ELBO; else setup, window, posterior, ELBO
-    assert len(compiled) == (3 if fixed else 4)
+    # fixed: the single executable, posterior, stationarity check, ELBO; else also the setup
+    # and the window instead of the single executable
+    assert len(compiled) == (4 if fixed else 5)
     for loc, elbo in results[1:]:
         np.testing.assert_array_equal(loc, results[0][0])
         assert elbo == results[0][1]
+
+
+@pytest.mark.parametrize("family", ["meanfield", "fullrank", "lowrank"])
+def test_a_fit_at_its_optimum_passes_the_stationarity_check(gauss3, family):
+    # At the family's optimum each gradient component is ~N(0, 1): max |z| over 3 + 6 (or
+    # fewer) components stays far below the limit. The fit's own STL estimator would not do:
+    # its variance vanishes at q = p* (full-rank read 11-13 here with it).
+    res = vi.fit(gauss3.target, family, key=jax.random.key(1), progress=False)
+    assert res.converged and 0 < res.stationarity < fit_module.STATIONARITY_LIMIT
+    # Far from the optimum it is many standard errors: the initial parameters, after 1 step.
+    res = vi.fit(gauss3.target, family, key=jax.random.key(1), progress=False, tol=None,
+                 num_steps=1)
+    assert res.stationarity > 3 * fit_module.STATIONARITY_LIMIT
+    assert res.status == "max_steps" and "stopped short" not in res.message  # no claim made
+    res = vi.fit(gauss3.target, family, key=jax.random.key(1), progress=False,
+                 num_elbo_samples=0)
+    assert res.stationarity is None
+
+
+def test_fit_many_checks_stationarity_per_problem():
+    X = jax.random.normal(jax.random.key(0), (3, 40, 2))
+    y = X @ jnp.array([1.0, -1.0]) + jax.random.normal(jax.random.key(1), (3, 40))
+    res = vi.fit_many(lambda Xi, yi: exact.linear_regression(Xi, yi).target, X, y,
+                      family="fullrank", key=jax.random.key(2))
+    assert res.stationarity.shape == (3,)
+    assert np.all(res.stationarity < fit_module.STATIONARITY_LIMIT), res.stationarity
 
 
 @pytest.mark.parametrize("family", ["fullrank", "lowrank"])

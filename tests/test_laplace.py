@@ -78,14 +78,17 @@ def test_whitening_maps_parameters_both_ways(family, skewed):
 
 
 def test_fullrank_preconditioned_fit_reaches_a_badly_scaled_gaussian(skewed):
-    plain = vi.fit(skewed.target, "fullrank", key=jax.random.key(0), progress=False)
+    # The plain fit stops on the ridge; its stationarity check says so (measured 853).
+    with pytest.warns(RuntimeWarning, match="stopped short of the family's optimum"):
+        plain = vi.fit(skewed.target, "fullrank", key=jax.random.key(0), progress=False)
+    assert plain.converged and plain.stationarity > 100
     pre = vi.fit(skewed.target, "fullrank", key=jax.random.key(0), progress=False,
                  precondition="laplace")
     kl_plain = float(kl_divergence(plain.posterior, skewed.posterior))
     kl_pre = float(kl_divergence(pre.posterior, skewed.posterior))
     assert kl_pre < 1e-3, kl_pre
     assert kl_plain > 100 * kl_pre  # what the preconditioning is for
-    assert pre.converged and pre.target is skewed.target
+    assert pre.converged and pre.target is skewed.target and pre.stationarity < 6
     assert isinstance(pre.family, vi.FullRank) and pre.family.init_scale == 0.1
     # The params are the family's over z: they give the posterior returned.
     q = pre.family.to_distribution(pre.params)
