@@ -93,7 +93,7 @@ def test_json_well_formed(tiny_run):
     pdb = res["cases"][5]["data"]
     if "skipped" not in pdb:  # the reference lies outside a clean clone
         ark = pdb["posteriors"]["arK-arK"]
-        assert set(ark) == {"vi_engine", "vi_engine laplace", "numpyro"}
+        assert set(ark) == {"vi_engine", "vi_engine plain", "vi_engine laplace", "numpyro"}
         assert all(e["compare"]["max_abs_z"] >= 0 and e["seconds"] > 0 for e in ark.values())
 
 

@@ -54,7 +54,7 @@ import optax
 from tqdm.auto import tqdm
 
 from vi_engine import _compile
-from vi_engine.families import Family, FullRank, get_family
+from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family
 from vi_engine.objectives import ELBO, Estimate, elbo, get_objective
 from vi_engine.targets import Target
 
@@ -1065,7 +1065,7 @@ def fit(
     max_steps=DEFAULT_MAX_STEPS,
     stopping=DEFAULT_STOPPING,
     num_elbo_samples=1000,
-    precondition=None,
+    precondition="auto",
 ):
     """Fit a variational family q to a target p̃ by minimizing KL(q‖p̃) (maximizing the ELBO).
 
@@ -1090,12 +1090,15 @@ def fit(
       stopping: a ``vi.StoppingRule`` (window, patience, factor, max_decays, z).
       num_elbo_samples: draws for the final ELBO estimate; ``0`` skips it (``elbo`` is then
         ``None``). It is compiled only when read either way; ``0`` saves lowering it.
-      precondition: ``None`` (or ``False``), ``"laplace"`` or a ``vi.Laplace`` (from
-        ``vi.laplace(target)``):
-        fit in coordinates whitened by the Laplace approximation, starting from it, and map
-        the result back (same family, over the target's ``z``). For badly scaled or strongly
+      precondition: ``"laplace"`` or a ``vi.Laplace`` (from ``vi.laplace(target)``): fit in
+        coordinates whitened by the Laplace approximation, starting from it, and map the
+        result back (same family, over the target's ``z``). For badly scaled or strongly
         correlated posteriors, where Adam's steps cannot follow the ridge (see
         ``vi_engine.preconditioning``); needs a proper mode. Gaussian families only.
+        ``"auto"`` (default): fit as usual, and if the fit converged short of its family's
+        optimum (``stationarity`` above the limit), refit preconditioned (the message says
+        so; ``num_steps`` and ``losses`` are then the refit's); where that is not possible (no
+        proper mode, a flow), keep the first fit with a warning. ``None`` or ``False``: never.
 
     Returns:
       ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
@@ -1106,13 +1109,49 @@ def fit(
     >>> res.posterior.mean.shape
     (3,)
     """
-    if precondition is not None and precondition is not False:
-        return _fit_preconditioned(
-            target, family, precondition, init_params,
-            dict(key=key, num_steps=num_steps, optimizer=optimizer, num_samples=num_samples,
-                 objective=objective, tol=tol, progress=progress, max_steps=max_steps,
-                 stopping=stopping, num_elbo_samples=num_elbo_samples),
-        )
+    kwargs = dict(key=key, num_steps=num_steps, optimizer=optimizer, num_samples=num_samples,
+                  objective=objective, tol=tol, progress=progress, max_steps=max_steps,
+                  stopping=stopping, num_elbo_samples=num_elbo_samples)
+    if precondition is None or precondition is False:
+        return _fit(target, family, init_params=init_params, warn_short=True, **kwargs)
+    if not (isinstance(precondition, str) and precondition == "auto"):
+        return _fit_preconditioned(target, family, precondition, init_params, kwargs)
+    res = _fit(target, family, init_params=init_params, warn_short=False, **kwargs)
+    if not _short_of_optimum_(res):
+        return res
+    first = f"{res.stationarity:.3g}"
+    if not isinstance(res.family, (FullRank, MeanField, LowRank)) or not isinstance(target,
+                                                                                   Target):
+        message = res.message + _short_of_optimum(first)
+        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
+        return dataclasses.replace(res, message=message)
+    try:
+        better = _fit_preconditioned(target, res.family, "laplace", init_params, kwargs,
+                                     warn_short=False)
+    except ValueError as err:  # no proper mode (a funnel): keep the first fit, and say why
+        message = (res.message + _short_of_optimum(first) + "; a refit from the Laplace "
+                   f"approximation was not possible: {err}")
+        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
+        return dataclasses.replace(res, message=message)
+    message = (f"{better.message} (refitted from the Laplace approximation: the first fit "
+               f"converged after {res.num_steps} steps short of the family's optimum, its ELBO "
+               f"gradient {first} standard errors from zero)")
+    if _short_of_optimum_(better):
+        message += _short_of_optimum(f"{better.stationarity:.3g}")
+        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
+    return dataclasses.replace(better, message=message)
+
+
+def _short_of_optimum_(res):
+    """A converged fit whose ELBO gradient is not zero (``FitResult.stationarity``)."""
+    return (res.status == "converged" and res.stationarity is not None
+            and res.stationarity > STATIONARITY_LIMIT)
+
+
+def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, tol, progress,
+         max_steps, stopping, num_elbo_samples, init_params, warn_short):
+    """``fit`` without preconditioning; ``warn_short``: warn if it converged short of the
+    family's optimum (``fit`` with ``precondition="auto"`` refits instead)."""
     family, cfg, cap, per_sync = _configure(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
@@ -1134,11 +1173,12 @@ def fit(
         final = _final_executables(family, num_elbo_samples, False, k_final, params, target)
     message = _message(status, step, bad_step, cap)
     if status == NONFINITE:
-        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=3)
     estimate, parts, stationarity = _finish(final, k_final, params, target)
-    if status == CONVERGED and stationarity is not None and stationarity > STATIONARITY_LIMIT:
+    short = status == CONVERGED and stationarity is not None and stationarity > STATIONARITY_LIMIT
+    if short and warn_short:
         message += _short_of_optimum(f"{stationarity:.3g}")
-        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=3)
     return FitResult(
         posterior=_posterior(parts),
         params=params,
@@ -1159,11 +1199,12 @@ def _short_of_optimum(z):
         f"; but the ELBO's gradient at the returned parameters is {z} standard errors from zero "
         f"(stationarity > {STATIONARITY_LIMIT:g}): the fit stopped short of the family's "
         "optimum, as on a ridge Adam's steps cannot follow (a badly scaled or strongly "
-        "correlated posterior). Try precondition='laplace'"
+        "correlated posterior). Try precondition='laplace' (precondition='auto', the default, "
+        "refits so where it can)"
     )
 
 
-def _fit_preconditioned(target, family, precondition, init_params, kwargs):
+def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_short=True):
     """``fit`` in coordinates whitened by a Laplace approximation
     (``vi_engine.preconditioning``)."""
     from vi_engine import preconditioning as lp
@@ -1220,12 +1261,18 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs):
     start = lp.start_family(family)
     if init_params is not None:
         init_params = lp.to_w(start, init_params, mode, lo)
-    res = fit(lp.whitened_target(target, mode, lo), start, init_params=init_params, **kwargs)
+    res = _fit(lp.whitened_target(target, mode, lo), start, init_params=init_params,
+               warn_short=False, **kwargs)
     params = lp.to_z(start, res.params, mode, lo)
-    return dataclasses.replace(
+    res = dataclasses.replace(
         res, posterior=_posterior(_compiled_final(family)(params)), params=params,
         family=family, target=target,
     )
+    if warn_short and _short_of_optimum_(res):
+        message = res.message + _short_of_optimum(f"{res.stationarity:.3g}")
+        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=3)
+        res = dataclasses.replace(res, message=message)
+    return res
 
 
 class _Run(NamedTuple):
