@@ -474,6 +474,9 @@ def _estimate_fn(family, num_samples, batched):
 # kilpisjarvi's mean-field fit 9.8. The max of K standard normals passes 6 with probability
 # under 1e-4 for K up to 10^4.
 _CHECK_DRAWS, _CHECK_BATCH = 256, 32
+# At most this many gradient elements per batch (draws x parameters): a full-rank q with d=1000
+# has 10^6 parameters, so its batches shrink to 4 draws (16 MiB in float32), not 32.
+_CHECK_BUDGET = 2**22
 STATIONARITY_LIMIT = 6.0
 
 
@@ -514,21 +517,25 @@ def _stationarity(key, family, params, target):
     grad = jax.vmap(jax.grad(per_draw), in_axes=(None, 0))
     tree_map = jax.tree_util.tree_map
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    size = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    per_batch = _CHECK_BATCH
+    while per_batch > 1 and per_batch * size > _CHECK_BUDGET:
+        per_batch //= 2
 
     def batch(carry, k):  # Chan et al.'s pairwise update of the mean and sum of squares
         n, mean, m2 = carry
-        g = grad(params, jax.random.split(k, _CHECK_BATCH))
+        g = grad(params, jax.random.split(k, per_batch))
         b_mean = tree_map(lambda x: jnp.mean(x, 0), g)
         b_m2 = tree_map(lambda x, m: jnp.sum(jnp.square(x - m[None]), 0), g, b_mean)
-        total = n + _CHECK_BATCH
+        total = n + per_batch
         delta = tree_map(jnp.subtract, b_mean, mean)
-        mean = tree_map(lambda a, d: a + d * (_CHECK_BATCH / total), mean, delta)
-        m2 = tree_map(lambda a, b, d: a + b + jnp.square(d) * (n * _CHECK_BATCH / total),
+        mean = tree_map(lambda a, d: a + d * (per_batch / total), mean, delta)
+        m2 = tree_map(lambda a, b, d: a + b + jnp.square(d) * (n * per_batch / total),
                       m2, b_m2, delta)
         return (total, mean, m2), None
 
     zeros = tree_map(jnp.zeros_like, params)
-    keys = jax.random.split(key, _CHECK_DRAWS // _CHECK_BATCH)
+    keys = jax.random.split(key, _CHECK_DRAWS // per_batch)
     (n, mean, m2), _ = jax.lax.scan(batch, (jnp.zeros((), dtype), zeros, zeros), keys)
 
     def z_max(mean, m2):
