@@ -103,5 +103,5 @@ def test_the_default_refits_a_ridge_that_plain_adam_cannot_follow():
                        precondition=None)
     assert plain.converged and plain.stationarity > 20
     res, c, _, _ = _fit("kidiq-kidscore_interaction")
-    assert "refitted from the Laplace approximation" in res.message
+    assert "refitted in coordinates whitened by the Laplace" in res.message
     assert c["max_abs_z"] < 0.15 and 0.9 < c["sd_ratio_min"], c
