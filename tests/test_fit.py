@@ -250,6 +250,27 @@ def test_a_fit_at_its_optimum_passes_the_stationarity_check(gauss3, family):
     assert res.stationarity is None
 
 
+def test_fullrank_defaults_scale_with_the_dimension():
+    # d=100: at Adam 0.05 with one draw the fit converged at KL 846-4741 (the stationarity
+    # check flagged it: 10-25); the defaults now take 0.05*20/d and ceil(d/25) draws.
+    prob = exact.make_gaussian(jax.random.key(0), d=100, correlation=0.5)
+    res = vi.fit(prob.target, "fullrank", key=jax.random.key(1), progress=False)
+    kl = float(kl_divergence(res.posterior, prob.posterior))
+    assert res.converged and kl < 0.02 and res.stationarity < 6, (kl, res.stationarity)
+    cfg = fit_module._scale_defaults(
+        fit_module._configure("fullrank", "elbo", None, None, None, 1e-3, False,
+                              vi.StoppingRule(), 1000)[1], 100, None, None)
+    assert cfg.num_samples == 4 and cfg.optimizer is vi.default_optimizer(0.01)
+    # Nothing changes up to d=20, nor for what the caller sets.
+    cfg20 = fit_module._scale_defaults(cfg._replace(num_samples=1), 20, None, None)
+    assert cfg20.num_samples == 1
+    mine = optax.adam(0.05)
+    cfg = fit_module._configure("fullrank", "elbo", 2, mine, None, 1e-3, False,
+                                vi.StoppingRule(), 1000)[1]
+    cfg = fit_module._scale_defaults(cfg, 100, mine, 2)
+    assert cfg.num_samples == 2 and cfg.optimizer is mine
+
+
 def test_the_stationarity_check_is_for_the_elbo_only(corr2):
     # IWAE and Rényi fits zero their own bound's gradient, not the ELBO's: a correct mean-field
     # IWAE fit read 9-10 (review), which would have triggered a needless refit and a warning.

@@ -1122,9 +1122,11 @@ def fit(
         ``max_steps``).
       optimizer: an optax ``GradientTransformation`` (default Adam(lr, b2=0.99) with the
         plateau step-size cuts; lr = ``family.default_learning_rate``, 0.05 for the Gaussian
-        families, 0.01 for flows). Pass the same object again to reuse compiled code.
+        families, 0.01 for flows; for full-rank above 20 dimensions 0.05·20/dim). Pass the
+        same object again to reuse compiled code.
       num_samples: draws per gradient estimate (default ``family.default_num_samples``: 1 for
-        the Gaussian families, 16 for flows).
+        the Gaussian families, 16 for flows; for full-rank above 20 dimensions
+        ``ceil(dim / 25)``).
       objective: ``"elbo"`` (STL estimator), ``"elbo-reparam"``, ``"elbo-entropy"``,
         ``"iwae"``, ``"renyi"``, or ``vi.ELBO(...)``, ``vi.IWAE(...)``, ``vi.Renyi(...)``.
       tol: plateau threshold in nats on window means (see the module doc); ``None`` runs exactly
@@ -1217,6 +1219,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     num_elbo_samples = _check_common(target, key, tol, num_elbo_samples)
+    cfg = _scale_defaults(cfg, target.dim, optimizer, num_samples)
     cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
     _check_init_params(family, init_params, key, target.dim, dtype)
@@ -1412,6 +1415,29 @@ def _join(chunks, num_steps):
     return jax.device_put(losses[..., :num_steps])
 
 
+# A full-rank q in d dimensions has d(d+3)/2 parameters, and Adam steps about its learning rate
+# in each: past d=20 the defaults scale down the step and up the draws. Measured (exact
+# Gaussians, correlation 0.5, 2 seeds; KL(q‖p*)): at 0.05 and 1 draw, d=50 0.0045-0.009,
+# d=100 846-4741, d=200 non-finite or 1,200-12,000; with 0.05·20/d and ceil(d/25) draws, d=50
+# 2-4e-4, d=100 0.0025-0.0037, d=200 0.012-0.017, and linear regressions (N=1000, d=50; N=300,
+# d=100) 1e-4. At d <= 20 nothing changes (linear regression N=500, d=20 reaches 8e-5).
+_LARGE_D = 20
+_DIM_PER_DRAW = 25
+
+
+def _scale_defaults(cfg, dim, optimizer, num_samples):
+    """``cfg`` with the full-rank defaults for ``dim`` (the step size and draws the caller left
+    to the defaults only)."""
+    if not isinstance(cfg.family, FullRank) or dim <= _LARGE_D:
+        return cfg
+    if optimizer is None:
+        cfg = cfg._replace(optimizer=default_optimizer(
+            cfg.family.default_learning_rate * _LARGE_D / dim))
+    if num_samples is None:
+        cfg = cfg._replace(num_samples=math.ceil(dim / _DIM_PER_DRAW))
+    return cfg
+
+
 def _configure(family, objective, num_samples, optimizer, num_steps, tol, progress, stopping,
                max_steps):
     """Resolve names and defaults into the static configuration of the compiled window."""
@@ -1590,6 +1616,7 @@ def fit_many(
     )
     targets = jax.vmap(make_target)(*batched_args)
     num_elbo_samples = _check_common(targets, key, tol, num_elbo_samples)
+    cfg = _scale_defaults(cfg, targets.dim, optimizer, num_samples)
     cfg = _with_presample(cfg, targets.dim, B, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
