@@ -12,11 +12,16 @@ import vi_engine as vi
 from benchmarks import posteriordb as pdb
 
 
-def _fit(name, family="fullrank", key=0, **kw):
+def _target(name):
+    """``(vi.Target, reference)`` of posterior ``name``; the test is skipped without them."""
     if not pdb.available():
         pytest.skip(f"posteriordb reference not found at {pdb.REFERENCE}")
     model, args, ref = pdb.load(name)
-    target = vi.Target.from_numpyro(model, *args)
+    return vi.Target.from_numpyro(model, *args), ref
+
+
+def _fit(name, family="fullrank", key=0, **kw):
+    target, ref = _target(name)
     res = vi.fit(target, family, key=jax.random.key(key), progress=False, **kw)
     assert res.converged, res.message
     draws = res.sample(jax.random.key(key + 1), 20_000)
@@ -79,10 +84,7 @@ def test_gp_poisson_regression_preconditioned_in_float64():
 
 
 def test_the_funnel_has_no_laplace_mode_and_says_so():
-    if not pdb.available():
-        pytest.skip(f"posteriordb reference not found at {pdb.REFERENCE}")
-    model, args, _ = pdb.load("eight_schools-eight_schools_centered")
-    target = vi.Target.from_numpyro(model, *args)
+    target, _ = _target("eight_schools-eight_schools_centered")
     # Down the funnel's neck the density is unbounded: the search runs off (measured: log p̃
     # from -43 to -8e20) or ends at an indefinite Hessian; either way it is named.
     with pytest.raises(ValueError, match="no proper mode.*funnel"):
@@ -94,10 +96,7 @@ def test_the_default_refits_a_ridge_that_plain_adam_cannot_follow():
     # 2.5 sds off, and its stationarity check reads 87 (1.0-4.2 on the fits that match the
     # references): a warning. The default (precondition="auto") refits from the Laplace
     # approximation and matches the reference.
-    if not pdb.available():
-        pytest.skip(f"posteriordb reference not found at {pdb.REFERENCE}")
-    model, args, ref = pdb.load("kidiq-kidscore_interaction")
-    target = vi.Target.from_numpyro(model, *args)
+    target, _ = _target("kidiq-kidscore_interaction")
     with pytest.warns(RuntimeWarning, match="precondition='laplace'"):
         plain = vi.fit(target, "fullrank", key=jax.random.key(0), progress=False,
                        precondition=None)

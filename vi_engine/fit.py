@@ -54,7 +54,7 @@ import optax
 from tqdm.auto import tqdm
 
 from vi_engine import _compile
-from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family
+from vi_engine.families import Family, FullRank, get_family
 from vi_engine.objectives import ELBO, Estimate, elbo, get_objective
 from vi_engine.targets import Target
 
@@ -507,12 +507,11 @@ def _stationarity(key, family, params, target, budget=None):
         # In q's own whitened coordinates w = L⁻¹(z − μ), where q is N(0, I): a component test
         # in the raw parameters misses a ridge (its signal lies along a flat direction that the
         # steep ones' noise swamps; kidiq's failed fit read 7.7 there, 87 here).
-        lo, mode = family.scale_tril(params), params.loc
-        params = family.init(None, mode.shape[-1], mode.dtype)._replace(
-            log_diag=jnp.zeros_like(params.log_diag))
+        from vi_engine import preconditioning as lp
 
-        def log_density(w):
-            return target.log_density(mode + lo @ w)
+        lo, mode = family.scale_tril(params), params.loc
+        log_density = lp.whitened_target(target, mode, lo).log_density
+        params = lp.start_family(family).init(None, mode.shape[-1], mode.dtype)  # N(0, I)
 
     def per_draw(p, k):
         z = family.sample(k, p, 1)
@@ -1165,14 +1164,13 @@ def fit(
     if not (isinstance(precondition, str) and precondition == "auto"):
         return _fit_preconditioned(target, family, precondition, init_params, kwargs)
     res = _fit(target, family, init_params=init_params, warn_short=False, **kwargs)
-    if not _short_of_optimum_(res):
+    if not _stopped_short(res):
         return res
+    from vi_engine import preconditioning as lp
+
+    if not lp.supports(res.family) or not isinstance(target, Target):
+        return _warn_short(res, _HINT_OTHER, stacklevel=2)
     first = f"{res.stationarity:.3g}"
-    if not isinstance(res.family, (FullRank, MeanField, LowRank)) or not isinstance(target,
-                                                                                   Target):
-        message = res.message + _short_of_optimum(first, _HINT_OTHER)
-        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
-        return dataclasses.replace(res, message=message)
     try:
         # A key of its own (never reuse one); quiet: whether it is kept is decided here.
         better = _fit_preconditioned(target, res.family, "laplace", init_params,
@@ -1190,22 +1188,28 @@ def fit(
                        f"approximation: the first fit converged after {res.num_steps} steps "
                        f"short of the family's optimum, its ELBO gradient {first} standard "
                        "errors from zero)")
-            if _short_of_optimum_(better):
-                message += _short_of_optimum(f"{better.stationarity:.3g}", _HINT_OTHER)
-                warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
-            return dataclasses.replace(better, message=message)
+            better = dataclasses.replace(better, message=message)
+            if _stopped_short(better):
+                better = _warn_short(better, _HINT_OTHER, stacklevel=2)
+            return better
         why = (f"did no better ({better.status} after {better.num_steps} steps, ELBO "
                f"{float(e1.mean):.6g} against {float(e0.mean):.6g})")
-    message = (res.message + _short_of_optimum(first, _HINT_OTHER)
-               + f"; a refit in coordinates whitened by the Laplace approximation {why}")
-    warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=2)
-    return dataclasses.replace(res, message=message)
+    why = f"; a refit in coordinates whitened by the Laplace approximation {why}"
+    return _warn_short(res, _HINT_OTHER, stacklevel=2, more=why)
 
 
-def _short_of_optimum_(res):
+def _stopped_short(res):
     """A converged fit whose ELBO gradient is not zero (``FitResult.stationarity``)."""
     return (res.status == "converged" and res.stationarity is not None
             and res.stationarity > STATIONARITY_LIMIT)
+
+
+def _warn_short(res, hint, stacklevel, more=""):
+    """``res`` with its message saying that it stopped short of its family's optimum (and
+    ``more``), and a warning of it, whose ``stacklevel`` is as if the caller raised it."""
+    message = res.message + _short_message(f"{res.stationarity:.3g}", hint) + more
+    warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel + 1)
+    return dataclasses.replace(res, message=message)
 
 
 def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, tol, progress,
@@ -1240,12 +1244,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
     if status == NONFINITE and not quiet:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel)
     estimate, parts, stationarity = _finish(final, k_final, params, target)
-    short = status == CONVERGED and stationarity is not None and stationarity > STATIONARITY_LIMIT
-    if short and warn_short and not quiet:
-        hint = _HINT_FIT if isinstance(family, (FullRank, MeanField, LowRank)) else _HINT_OTHER
-        message += _short_of_optimum(f"{stationarity:.3g}", hint)
-        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel)
-    return FitResult(
+    res = FitResult(
         posterior=_posterior(parts),
         params=params,
         losses=_join(chunks, step),
@@ -1258,6 +1257,11 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         target=target,
         stationarity=stationarity,
     )
+    if warn_short and not quiet and _stopped_short(res):
+        from vi_engine import preconditioning as lp
+
+        res = _warn_short(res, _HINT_FIT if lp.supports(family) else _HINT_OTHER, stacklevel)
+    return res
 
 
 _HINT_FIT = ("Try precondition='laplace' (the default, precondition='auto', refits so where "
@@ -1266,7 +1270,7 @@ _HINT_OTHER = "Try more steps (max_steps, stopping) or another family"
 _HINT_MANY = "Fit those problems with vi.fit, whose default (precondition='auto') refits them"
 
 
-def _short_of_optimum(z, hint=_HINT_FIT):
+def _short_message(z, hint):
     return (
         f"; but the ELBO's gradient at the returned parameters is {z} standard errors from zero "
         f"(stationarity > {STATIONARITY_LIMIT:g}): the fit stopped short of the family's "
@@ -1340,10 +1344,8 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_
         res, posterior=_posterior(_compiled_final(family)(params)), params=params,
         family=family, target=target,
     )
-    if warn_short and not quiet and _short_of_optimum_(res):
-        message = res.message + _short_of_optimum(f"{res.stationarity:.3g}", _HINT_OTHER)
-        warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=3)
-        res = dataclasses.replace(res, message=message)
+    if warn_short and not quiet and _stopped_short(res):
+        res = _warn_short(res, _HINT_OTHER, stacklevel=3)
     return res
 
 

@@ -272,9 +272,15 @@ def _whitened_log_density(w, mode, lo, inner):
     return inner.log_density(z) + logdet
 
 
+def supports(family) -> bool:
+    """Whether ``family`` can be fitted preconditioned: a whitening keeps its structure (see
+    ``whitening``)."""
+    return isinstance(family, (FullRank, MeanField, LowRank))
+
+
 def check_family(family):
-    """Raise unless ``family`` can be fitted preconditioned (see ``whitening``)."""
-    if not isinstance(family, (FullRank, MeanField, LowRank)):
+    """Raise unless ``family`` can be fitted preconditioned (``supports``)."""
+    if not supports(family):
         raise ValueError(
             f"precondition: supported for the 'fullrank', 'meanfield' and 'lowrank' families, "
             f"not {family.name!r} ({type(family).__name__})."
@@ -329,8 +335,11 @@ def start_family(family):
 
 
 def to_z(family, params, mode, lo) -> Any:
+    """``family``'s parameters over ``w`` mapped to those over ``z = mode + lo w`` (``mode``:
+    ``(dim,)``; ``lo``: ``(dim, dim)`` lower triangular, or ``(dim,)`` diagonal)."""
     return _map_params(family, params, mode, lo, True)
 
 
 def to_w(family, params, mode, lo) -> Any:
+    """The inverse of ``to_z``: parameters over ``z`` mapped to those over ``w``."""
     return _map_params(family, params, mode, lo, False)
