@@ -275,7 +275,7 @@ def test_stationarity_gradients_equal_autodiff_through_the_sampler(gauss3, famil
 
     want = jax.vmap(jax.grad(per_draw), in_axes=(None, 0))(at, eps)
     got = grad(at, eps)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
 
