@@ -54,7 +54,7 @@ import optax
 from tqdm.auto import tqdm
 
 from vi_engine import _compile
-from vi_engine.families import Family, FullRank, MeanField, get_family
+from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family
 from vi_engine.families.gaussian import FullRankParams, MeanFieldParams
 from vi_engine.objectives import ELBO, Estimate, elbo, get_objective
 from vi_engine.targets import Target
@@ -479,12 +479,12 @@ _CHECK_DRAWS = 256
 # in a scan of smaller batches: a full-rank q with d=1000 has 10^6 parameters, so its batches
 # shrink to 4 draws (16 MiB in float32); at d=20 (440 parameters) all 256 go in one.
 _CHECK_BUDGET = 2**22
-# Its compile effort: it may run twice per fit (a confirmation), so it leaves LLVM -O0 sooner
-# than a once-run program (``_compile.ONCE``). Measured on full-rank linear regressions, XLA's
-# count (a scan body once): N=500, d=20, ~1e7 flops, -O0 (compiles fastest); N=400, d=200,
-# 3.3e7 flops (batches of 32 draws then): 0.25 s per check at -O0, 0.15 s at -O1 (a warm fit
-# with two checks 0.84 -> 0.67 s, 0.34 s without the check).
-_CHECK_TIERS = (("minimal", 2e7), ("fast", math.inf))
+# Its compile effort: LLVM -O0 up to 2e10 flops (XLA's count, a scan body once), measured up
+# to 1.3e10, where -O0 still came out ahead counting compile and two runs. Fresh processes,
+# compile / warm run at -O0 vs -O1: mean-field linear regression N=500, d=20 (2.4e7 flops, with
+# the mean gap) 0.18-0.20 / 0.005 s vs 0.34-0.41 / 0.002 s; d=200 0.26 / 0.015 vs 0.46 / 0.007;
+# N=2000, d=1000 0.42 / 0.19 vs 0.59 / 0.15; full-rank N=400, d=200 0.31 / 0.14 vs 0.38 / 0.12.
+_CHECK_TIERS = (("minimal", 2e10), ("fast", math.inf))
 STATIONARITY_LIMIT = 6.0
 
 
@@ -601,6 +601,67 @@ def _location_scale_gradients(family, params, target):
     return (lambda _, eps: jax.vmap(one_mf)(eps)), params
 
 
+# The mean-gap check (``FitResult.mean_gap``) of MeanField and LowRank fits: their stationarity
+# check is made in q's own coordinates, which do not see a ridge of the posterior (q has no
+# correlations to whiten with). Measured on posteriordb (float64, 2 seeds each): fits that match
+# the reference read -0.01-0.08 nats (gp_pois_regr mean-field 0.19); the default mean-field fits
+# of kidiq, 1.9-2.3 reference sds off, 1.9-3.0 nats with stationarity 1.9-2.2 (undetected
+# before), and its low-rank fits 7.5-8.1 nats; kilpisjarvi mean-field 3.1 (stationarity 12.6).
+MEAN_GAP_LIMIT = 0.25
+# Computed where the Hessian fits the check's memory budget (d^2 elements per problem).
+
+
+def _has_mean_gap(family, dim, budget=None):
+    """``budget``: the check's memory budget per problem (``_CHECK_BUDGET`` for one)."""
+    budget = _CHECK_BUDGET if budget is None else budget
+    return isinstance(family, (MeanField, LowRank)) and dim * dim <= budget
+
+
+def _mean_gap(key, family, params, target):
+    """``Estimate`` (nats) of the ELBO that moving q's mean to its optimum would gain, q's
+    spread held: the Newton decrement ``½ ḡᵀH⁻¹ḡ`` of the ELBO's gradient in the mean,
+    ``ḡ = E_q[∇log p̃(z)]``, at ``H = −∇²log p̃(μ)``; exact for a Gaussian target.
+
+    ``ḡ`` is averaged over ``_CHECK_DRAWS`` draws with a Taylor control variate,
+    ``∇log p̃(z) + H(z − μ)`` (``E_q[z − μ] = 0``): on a Gaussian target it has no variance at
+    all, which the plain average's noise would swamp on a ridge. The estimate is debiased by
+    the noise's own expected contribution ``½ tr(H⁻¹C)/n`` (``C`` the draws' covariance), and
+    ``stderr`` is the delta method's. ``NaN`` where ``H`` is not positive definite (no verdict:
+    a funnel's neck, or a saddle). ``H`` is Jacobi-scaled before its Cholesky factorization,
+    as in ``vi.laplace``: the posteriors where this matters are the badly scaled ones.
+    """
+    loc = params.loc
+    n = _CHECK_DRAWS
+    hess = -jax.hessian(target.log_density)(loc)
+    z = family.sample(jax.random.fold_in(key, 3), params, n)
+    g = jax.vmap(jax.grad(target.log_density))(z) + (z - loc) @ hess.T
+    scale = jnp.sqrt(jnp.abs(jnp.diagonal(hess)))
+    scale = jnp.where(scale > 0, scale, 1)
+    chol = jnp.linalg.cholesky(hess / scale[:, None] / scale[None, :])
+
+    def whiten(v):  # L⁻¹ D⁻¹ v, so that |whiten(v)|² = vᵀH⁻¹v
+        return jax.scipy.linalg.solve_triangular(chol, (v / scale).T, lower=True).T
+
+    u = whiten(g)  # (n, d)
+    u_bar = jnp.mean(u, 0)
+    resid = u - u_bar
+    noise = 0.5 * jnp.sum(jnp.square(resid)) / ((n - 1) * n)
+    cov = resid.T @ resid / ((n - 1) * n)  # the whitened mean's covariance
+    var = jnp.mean(jnp.square(resid @ u_bar)) / n + 0.5 * jnp.sum(jnp.square(cov))
+    gap = 0.5 * jnp.sum(jnp.square(u_bar)) - noise
+    ok = jnp.all(jnp.isfinite(chol))
+    return Estimate(jnp.where(ok, gap, jnp.nan), jnp.where(ok, jnp.sqrt(var), jnp.nan))
+
+
+def _gap_flags(gap):
+    """Where a ``_mean_gap`` estimate says the mean stopped short: above ``MEAN_GAP_LIMIT`` and
+    three standard errors."""
+    if gap is None:
+        return False
+    mean, se = np.asarray(gap.mean), np.asarray(gap.stderr)
+    return (mean > MEAN_GAP_LIMIT) & (mean > 3 * se)
+
+
 def _checks(cfg):
     """The stationarity check tests the ELBO's gradient: not what IWAE or Rényi fits zero (a
     correct mean-field IWAE fit read 9-10, measured in review)."""
@@ -608,8 +669,13 @@ def _checks(cfg):
 
 
 def _check_fn(family, batched):
+    """``check(key, params, target) -> (stationarity, mean gap or None)``."""
+
     def check(key, params, target, budget=None):
-        return _stationarity(key, family, params, target, budget)
+        dim = params.loc.shape[-1]
+        gap = (_mean_gap(key, family, params, target)
+               if _has_mean_gap(family, dim, budget) else None)
+        return _stationarity(key, family, params, target, budget), gap
 
     if not batched:
         return check
@@ -813,33 +879,38 @@ def _final_executables(family, num_samples, batched, key, params, target, compil
 
 
 def _finish(final, k_final, params, target):
-    """``(estimate, posterior parts, stationarity)`` from ``_final_executables``' futures; the
-    estimate is a ``_PendingEstimate`` (see ``FitResult.elbo``) or ``None``, the stationarity
-    a host float (``fit``), a ``(B,)`` NumPy array (``fit_many``) or ``None``."""
+    """``(estimate, posterior parts, stationarity, mean gap)`` from ``_final_executables``'
+    futures; the estimate is a ``_PendingEstimate`` (see ``FitResult.elbo``) or ``None``, the
+    stationarity a host float (``fit``), a ``(B,)`` NumPy array (``fit_many``) or ``None``, the
+    mean gap an ``Estimate`` of the same (``_mean_gap``) or ``None``."""
     posterior, estimate, check = final
     parts = posterior.result()(params)
     if estimate is None:
-        return None, parts, None
-    stationarity = None
+        return None, parts, None, None
+    stationarity = gap = None
     if check is not None:
         run = check.result()
-        stationarity = np.asarray(run(k_final, params, target))
-        if np.any(stationarity > STATIONARITY_LIMIT):
+        stationarity, gap = jax.device_get(run(k_final, params, target))
+        if np.any(stationarity > STATIONARITY_LIMIT) or np.any(_gap_flags(gap)):
             # Confirmed on fresh draws: a per-draw log-scale gradient is skewed (like 1 - ε²),
             # so a t-statistic's tail is heavier than normal; at the optimum one check passes 6
             # with probability ~2e-4 at d=20 and 1.7e-3 at d=200 (measured in review), two in
             # a row about its square, while a fit short of its optimum reads 66-853 twice.
-            fresh = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if stationarity.ndim
+            fresh = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if np.ndim(stationarity)
                      else jax.random.fold_in)
-            again = np.asarray(run(fresh(k_final, 2), params, target))
+            again, gap2 = jax.device_get(run(fresh(k_final, 2), params, target))
             stationarity = np.minimum(stationarity, again)
-        if stationarity.ndim == 0:
+            if gap is not None:  # per problem, the estimate of the two that is lower
+                lower = ~(gap2.mean >= gap.mean)  # NaN (no verdict) wins
+                gap = Estimate(*(np.where(lower, b, a) for a, b in zip(gap, gap2, strict=True)))
+        if np.ndim(stationarity) == 0:
             stationarity = float(stationarity)
+            gap = None if gap is None else Estimate(float(gap.mean), float(gap.stderr))
     # On the device now: a NumPy leaf of the target would otherwise get its dtype from the x64
     # mode in force when .elbo is read (not the one the estimate was compiled for), and its
     # values then (a caller may have changed the array in place since).
     pending = _PendingEstimate(estimate, jax.device_put((k_final, params, target)))
-    return pending, parts, stationarity
+    return pending, parts, stationarity, gap
 
 
 class _PendingEstimate:
@@ -931,6 +1002,16 @@ class FitResult:
         short of it, and a warning says so (measured on posteriordb: 1.0-4.2 for fits that
         match the reference, 87 and 375 for full-rank fits that converged 1.9-2.5 sds off).
         ``None`` with ``num_elbo_samples=0``.
+      mean_gap: for ``MeanField`` and ``LowRank`` q (whose stationarity check, in q's own
+        coordinates, does not see a ridge: q has no correlations to whiten with), an
+        ``Estimate`` in nats of the ELBO that moving q's mean to its optimum would gain: the
+        Newton decrement at the Hessian of log p̃ at q's mean (``_mean_gap``; exact for a
+        Gaussian target). A converged fit above ``MEAN_GAP_LIMIT`` (0.25 nats, and three
+        standard errors) stopped short, and is treated as above (measured on posteriordb:
+        -0.01-0.08 for fits that match the reference; 1.9-3.0 for kidiq's mean-field fits,
+        1.9-2.3 sds off, whose stationarity read 1.9-2.2). NaN where that Hessian is not
+        positive definite; ``None`` for other families, where d² exceeds the check's memory
+        budget (d > 2048 for one problem), or with ``num_elbo_samples=0``.
       family, target: what was fitted.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
@@ -953,6 +1034,7 @@ class FitResult:
     family: Family
     target: Any
     stationarity: Any = None
+    mean_gap: Any = None
     # An Estimate, None, or a _PendingEstimate computing it when first read (see ``elbo``).
     _elbo: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -1216,7 +1298,7 @@ def fit(
 
     if not lp.supports(res.family) or not isinstance(target, Target):
         return _warn_short(res, _HINT_OTHER, stacklevel=2)
-    first = f"{res.stationarity:.3g}"
+    first = _shortfall(res)
     try:
         # A key of its own (never reuse one); quiet: whether it is kept is decided here.
         better = _fit_preconditioned(target, res.family, "laplace", init_params,
@@ -1232,8 +1314,7 @@ def fit(
         if better.status == "converged" and float(e1.mean) >= float(e0.mean) - slack:
             message = (f"{better.message} (refitted in coordinates whitened by the Laplace "
                        f"approximation: the first fit converged after {res.num_steps} steps "
-                       f"short of the family's optimum, its ELBO gradient {first} standard "
-                       "errors from zero)")
+                       f"short of the family's optimum, {first})")
             better = dataclasses.replace(better, message=message)
             if _stopped_short(better):
                 better = _warn_short(better, _HINT_OTHER, stacklevel=2)
@@ -1245,15 +1326,27 @@ def fit(
 
 
 def _stopped_short(res):
-    """A converged fit whose ELBO gradient is not zero (``FitResult.stationarity``)."""
-    return (res.status == "converged" and res.stationarity is not None
-            and res.stationarity > STATIONARITY_LIMIT)
+    """A converged fit whose ELBO gradient is not zero (``FitResult.stationarity``), or whose
+    mean is measurably short of its optimum (``FitResult.mean_gap``)."""
+    if res.status != "converged":
+        return False
+    return bool((res.stationarity is not None and res.stationarity > STATIONARITY_LIMIT)
+                or _gap_flags(res.mean_gap))
+
+
+def _shortfall(res):
+    """What says that ``res`` stopped short, as a phrase (``_stopped_short`` is true)."""
+    if res.stationarity is not None and res.stationarity > STATIONARITY_LIMIT:
+        return (f"its ELBO gradient {res.stationarity:.3g} standard errors from zero "
+                f"(stationarity > {STATIONARITY_LIMIT:g})")
+    return (f"its mean an estimated {res.mean_gap.mean:.3g} ± {res.mean_gap.stderr:.2g} nats of "
+            f"ELBO short of the optimum (mean_gap > {MEAN_GAP_LIMIT:g})")
 
 
 def _warn_short(res, hint, stacklevel, more=""):
     """``res`` with its message saying that it stopped short of its family's optimum (and
     ``more``), and a warning of it, whose ``stacklevel`` is as if the caller raised it."""
-    message = res.message + _short_message(f"{res.stationarity:.3g}", hint) + more
+    message = res.message + _short_message(_shortfall(res), hint) + more
     warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel + 1)
     return dataclasses.replace(res, message=message)
 
@@ -1289,7 +1382,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
     message = _message(status, step, bad_step, cap)
     if status == NONFINITE and not quiet:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel)
-    estimate, parts, stationarity = _finish(final, k_final, params, target)
+    estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, target)
     res = FitResult(
         posterior=_posterior(parts),
         params=params,
@@ -1302,6 +1395,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         family=family,
         target=target,
         stationarity=stationarity,
+        mean_gap=mean_gap,
     )
     if warn_short and not quiet and _stopped_short(res):
         from vi_engine import preconditioning as lp
@@ -1316,12 +1410,11 @@ _HINT_OTHER = "Try more steps (max_steps, stopping) or another family"
 _HINT_MANY = "Fit those problems with vi.fit, whose default (precondition='auto') refits them"
 
 
-def _short_message(z, hint):
+def _short_message(shortfall, hint):
     return (
-        f"; but the ELBO's gradient at the returned parameters is {z} standard errors from zero "
-        f"(stationarity > {STATIONARITY_LIMIT:g}): the fit stopped short of the family's "
-        "optimum, as on a ridge Adam's steps cannot follow (a badly scaled or strongly "
-        f"correlated posterior). {hint}"
+        f"; but {shortfall}: the fit stopped short of the family's optimum, as on a ridge "
+        "Adam's steps cannot follow (a badly scaled or strongly correlated posterior). "
+        f"{hint}"
     )
 
 
@@ -1703,16 +1796,24 @@ def fit_many(
                         "log density and data)")
         message += (". Hint: lower the step size (optimizer=...), or check the targets' log "
                     "density for overflow")
-    estimate, parts, stationarity = _finish(final, k_final, params, targets)
+    estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, targets)
     short = np.zeros((0,), int)
     if stationarity is not None:
-        short = np.flatnonzero((status == CONVERGED) & (stationarity > STATIONARITY_LIMIT))
+        by_z = (status == CONVERGED) & (stationarity > STATIONARITY_LIMIT)
+        by_gap = (status == CONVERGED) & _gap_flags(mean_gap)
+        short = np.flatnonzero(by_z | by_gap)
+        why = []
+        if by_z.any():
+            why.append(f"ELBO gradients up to {np.max(stationarity[by_z]):.3g} standard errors "
+                       f"from zero (stationarity > {STATIONARITY_LIMIT:g})")
+        if by_gap.any():
+            why.append(f"means up to an estimated {np.max(mean_gap.mean[by_gap]):.3g} nats of "
+                       f"ELBO short of the optimum (mean_gap > {MEAN_GAP_LIMIT:g})")
     if short.size:
         message += (
-            f"; problems {_some(short)} converged short of their family's optimum: their ELBO "
-            f"gradients are up to {np.max(stationarity[short]):.3g} standard errors from zero "
-            f"(stationarity > {STATIONARITY_LIMIT:g}), as on a ridge Adam's steps cannot follow "
-            f"(a badly scaled or strongly correlated posterior). {_HINT_MANY}"
+            f"; problems {_some(short)} converged short of their family's optimum: "
+            f"{' and '.join(why)}, as on a ridge Adam's steps cannot follow (a badly scaled or "
+            f"strongly correlated posterior). {_HINT_MANY}"
         )
     if bad.size or short.size:  # one warning for both
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
@@ -1728,4 +1829,5 @@ def fit_many(
         family=family,
         target=targets,
         stationarity=stationarity,
+        mean_gap=mean_gap,
     )
