@@ -672,9 +672,8 @@ def _check_fn(family, batched):
     """``check(key, params, target) -> (stationarity, mean gap or None)``."""
 
     def check(key, params, target, budget=None):
-        dim = params.loc.shape[-1]
         gap = (_mean_gap(key, family, params, target)
-               if _has_mean_gap(family, dim, budget) else None)
+               if _has_mean_gap(family, target.dim, budget) else None)
         return _stationarity(key, family, params, target, budget), gap
 
     if not batched:
