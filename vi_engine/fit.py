@@ -603,16 +603,16 @@ def _location_scale_gradients(family, params, target):
 
 # The mean-gap check (``FitResult.mean_gap``) of MeanField and LowRank fits: their stationarity
 # check is made in q's own coordinates, which do not see a ridge of the posterior (q has no
-# correlations to whiten with). Measured on posteriordb (float64, 2 seeds each): fits that match
-# the reference read -0.01-0.08 nats (gp_pois_regr mean-field 0.19); the default mean-field fits
-# of kidiq, 1.9-2.3 reference sds off, 1.9-3.0 nats with stationarity 1.9-2.2 (undetected
-# before), and its low-rank fits 7.5-8.1 nats; kilpisjarvi mean-field 3.1 (stationarity 12.6).
+# correlations to whiten with). Measured on posteriordb (float32 and float64, 2 seeds each):
+# fits that match the reference read -0.12-0.10 nats; the default mean-field fits of kidiq,
+# 1.9-2.3 reference sds off, 1.9-3.0 nats with stationarity 1.9-2.2 (undetected before), and
+# its low-rank fits 7.5-8.1 nats; kilpisjarvi mean-field 2.9-3.1 (stationarity 12.6).
 MEAN_GAP_LIMIT = 0.25
-# Computed where the Hessian fits the check's memory budget (d^2 elements per problem).
 
 
 def _has_mean_gap(family, dim, budget=None):
-    """``budget``: the check's memory budget per problem (``_CHECK_BUDGET`` for one)."""
+    """Whether the check computes ``_mean_gap``: for these families, where the Hessian's d²
+    numbers fit ``budget``, the check's memory budget per problem (``_CHECK_BUDGET`` for one)."""
     budget = _CHECK_BUDGET if budget is None else budget
     return isinstance(family, (MeanField, LowRank)) and dim * dim <= budget
 
