@@ -628,21 +628,20 @@ def _mean_gap(key, family, params, target):
     the noise's own expected contribution ``½ tr(H⁻¹C)/n`` (``C`` the draws' covariance), and
     ``stderr`` is the delta method's. ``NaN`` where ``H`` is not positive definite (no verdict:
     a funnel's neck, or a saddle). ``H`` is Jacobi-scaled before its Cholesky factorization,
-    as in ``vi.laplace``: the posteriors where this matters are the badly scaled ones.
+    as in ``vi.laplace`` (``preconditioning._jacobi``): the posteriors where this matters are
+    the badly scaled ones.
     """
+    from vi_engine import preconditioning as lp
+
     loc = params.loc
     n = _CHECK_DRAWS
     hess = -jax.hessian(target.log_density)(loc)
     z = family.sample(jax.random.fold_in(key, 3), params, n)
     g = jax.vmap(jax.grad(target.log_density))(z) + (z - loc) @ hess.T
-    scale = jnp.sqrt(jnp.abs(jnp.diagonal(hess)))
-    scale = jnp.where(scale > 0, scale, 1)
-    chol = jnp.linalg.cholesky(hess / scale[:, None] / scale[None, :])
-
-    def whiten(v):  # L⁻¹ D⁻¹ v, so that |whiten(v)|² = vᵀH⁻¹v
-        return jax.scipy.linalg.solve_triangular(chol, (v / scale).T, lower=True).T
-
-    u = whiten(g)  # (n, d)
+    d, s = lp._jacobi(hess)
+    chol = jnp.linalg.cholesky(s)
+    # Whitened: |u_i|² = g_iᵀ H⁻¹ g_i (u_i = chol⁻¹ diag(d) g_i), as in _newton_decrement.
+    u = jax.scipy.linalg.solve_triangular(chol, (g * d).T, lower=True).T  # (n, dim)
     u_bar = jnp.mean(u, 0)
     resid = u - u_bar
     noise = 0.5 * jnp.sum(jnp.square(resid)) / ((n - 1) * n)
@@ -845,12 +844,13 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
 def _final_executables(family, num_samples, batched, key, params, target, compile_there=False,
                        check=True):
     """Futures of the compiled posterior (built in compiled code, see ``_final_fn``), of the
-    final ELBO estimate and of the stationarity check (``_stationarity``; both ``None`` with
-    ``num_samples=0``). The check runs at the end of every fit: 2 ms on a warm linear
-    regression (N=500, d=20, full-rank), but 0.24 s more for a first fit in a fresh process on
-    2 cores (its tracing, lowering and compiling compete with the window's compilation;
-    measured 1.83 -> 2.07 s, 7 interleaved rounds; compiling it on a second thread beside the
-    window's was no faster).
+    final ELBO estimate and of the check (``_check_fn``: the stationarity and, for mean-field
+    and low-rank q, the mean gap; both ``None`` with ``num_samples=0``). The check runs at the
+    end of every fit: 2 ms on a warm linear regression (N=500, d=20, full-rank), but 0.1-0.15 s
+    more for a first fit in a fresh process on 2 cores (its tracing, lowering and compiling
+    compete with the window's compilation; 0.24 s, 1.83 -> 2.07 s over 7 interleaved rounds,
+    before its gradients were closed-form; compiling it on a second thread beside the window's
+    was no faster).
 
     The estimate is a separate program, compiled when ``FitResult.elbo`` is first read: its
     compilation (0.11-0.15 s for a linear regression) was the last thing a first fit waited
@@ -1007,7 +1007,7 @@ class FitResult:
         Newton decrement at the Hessian of log p̃ at q's mean (``_mean_gap``; exact for a
         Gaussian target). A converged fit above ``MEAN_GAP_LIMIT`` (0.25 nats, and three
         standard errors) stopped short, and is treated as above (measured on posteriordb:
-        -0.01-0.08 for fits that match the reference; 1.9-3.0 for kidiq's mean-field fits,
+        -0.12-0.10 for fits that match the reference; 1.9-3.0 for kidiq's mean-field fits,
         1.9-2.3 sds off, whose stationarity read 1.9-2.2). NaN where that Hessian is not
         positive definite; ``None`` for other families, where d² exceeds the check's memory
         budget (d > 2048 for one problem), or with ``num_elbo_samples=0``.
@@ -1268,11 +1268,12 @@ def fit(
         correlated posteriors, where Adam's steps cannot follow the ridge (see
         ``vi_engine.preconditioning``); needs a proper mode. Gaussian families only.
         ``"auto"`` (default): fit as usual, and if the fit converged short of its family's
-        optimum (``stationarity`` above the limit), refit preconditioned (the message says
-        so; ``num_steps`` and ``losses`` are then the refit's); where that is not possible (no
-        proper mode, a flow), or when the refit does no better, keep the first fit with a
-        warning. ``None`` or ``False``: never. The check needs the ELBO objective and
-        ``num_elbo_samples > 0``; without them there is no check, hence no refit.
+        optimum (``stationarity`` or ``mean_gap`` above its limit), refit preconditioned
+        (the message says so; ``num_steps`` and ``losses`` are then the refit's); where that
+        is not possible (no proper mode, a flow), or when the refit does no better, keep the
+        first fit with a warning. ``None`` or ``False``: never. The checks need the ELBO
+        objective and ``num_elbo_samples > 0``; without them there is no check, hence no
+        refit.
 
     Returns:
       ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
@@ -1409,12 +1410,12 @@ _HINT_OTHER = "Try more steps (max_steps, stopping) or another family"
 _HINT_MANY = "Fit those problems with vi.fit, whose default (precondition='auto') refits them"
 
 
+_RIDGE = ("as on a ridge Adam's steps cannot follow (a badly scaled or strongly correlated "
+          "posterior)")
+
+
 def _short_message(shortfall, hint):
-    return (
-        f"; but {shortfall}: the fit stopped short of the family's optimum, as on a ridge "
-        "Adam's steps cannot follow (a badly scaled or strongly correlated posterior). "
-        f"{hint}"
-    )
+    return f"; but {shortfall}: the fit stopped short of the family's optimum, {_RIDGE}. {hint}"
 
 
 def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_short=True,
@@ -1811,8 +1812,7 @@ def fit_many(
     if short.size:
         message += (
             f"; problems {_some(short)} converged short of their family's optimum: "
-            f"{' and '.join(why)}, as on a ridge Adam's steps cannot follow (a badly scaled or "
-            f"strongly correlated posterior). {_HINT_MANY}"
+            f"{' and '.join(why)}, {_RIDGE}. {_HINT_MANY}"
         )
     if bad.size or short.size:  # one warning for both
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
