@@ -652,6 +652,84 @@ def _mean_gap(key, family, params, target):
     return Estimate(jnp.where(ok, gap, jnp.nan), jnp.where(ok, jnp.sqrt(var), jnp.nan))
 
 
+# The mean's polish (``_polish``): antithetic pairs of draws, and its Newton steps' stopping
+# rule (the decrement, in nats, and a cap).
+_POLISH_PAIRS = 128
+_POLISH_TOL = 1e-3
+_POLISH_STEPS = 8
+
+
+def _polish_fn(family):
+    """``polish(key, params, target) -> (params, steps)``: q's mean moved towards its optimum by
+    Newton steps, q's spread held (MeanField and LowRank, when ``_mean_gap`` flags the mean).
+
+    The steps maximize ``f(μ) = mean_i ½ [log p̃(μ + o_i) + log p̃(μ − o_i)]`` (the ELBO's part
+    that depends on the mean, with fixed antithetic draws ``o_i`` of q centred), with the
+    Hessian of ``log p̃`` at ``μ`` standing in for ``f``'s, each step the first of 1, 1/2, ...
+    that raises ``f`` (``preconditioning._newton``). On a Gaussian target the pairs cancel the
+    draws' error exactly (``f`` is the ELBO's mean part up to a constant) and one step lands on
+    the optimum; on others the fixed draws bias the optimum by ``O(1/√n)`` of the draws' own
+    noise only in the target's non-quadratic part. Adam cannot do this on a ridge: its steps
+    are per coordinate, and their noise keeps the mean wandering along the flat direction (a
+    diagonal-whitened refit that started at the exact optimum of a d = N = 200 regression
+    ended 0.28 nats short, measured).
+    """
+
+    def polish(key, params, target):
+        from vi_engine import preconditioning as lp
+
+        loc = params.loc
+        half = family.sample(key, params, _POLISH_PAIRS) - loc
+        offsets = jnp.concatenate([half, -half])
+
+        def neg(mu):
+            return -jnp.mean(jax.vmap(target.log_density)(mu + offsets))
+
+        def hessian(mu):
+            return -jax.hessian(target.log_density)(mu)
+
+        mu, _, _, _, steps = lp._newton(neg, loc, _POLISH_TOL, hessian, _POLISH_STEPS)
+        return params._replace(loc=mu), steps
+
+    return polish
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_polish(family):
+    return jax.jit(_polish_fn(family))
+
+
+def _polish(res, key, num_elbo_samples):
+    """``res`` with its mean polished (``_polish_fn``) when ``mean_gap`` flags it, and its
+    posterior, checks and ELBO estimate redone there; ``res`` itself when the polish does not
+    lower the mean gap (measured on fresh draws) or lowers the ELBO (by 3 standard errors)."""
+    if not _gap_flags(res.mean_gap):
+        return res
+    family, target = res.family, res.target
+    k_polish, k_final = jax.random.split(key)
+    program = _executable(_compiled_polish(family), ("polish", family), k_polish, res.params,
+                          target, effort=_compile.ONCE)
+    params, steps = program.result()(k_polish, res.params, target)
+    steps = int(steps)
+    if steps == 0 or not all(bool(jnp.all(jnp.isfinite(x)))
+                             for x in jax.tree_util.tree_leaves(params)):
+        return res
+    final = _final_executables(family, num_elbo_samples, False, k_final, params, target)
+    estimate, parts, stationarity, gap = _finish(final, k_final, params, target)
+    old = res.mean_gap
+    if not gap.mean < old.mean:  # NaN (no verdict at the new mean) keeps the old
+        return res
+    e0, e1 = res.elbo, estimate()
+    slack = 3 * math.sqrt(float(e0.stderr) ** 2 + float(e1.stderr) ** 2)
+    if not float(e1.mean) >= float(e0.mean) - slack:
+        return res
+    message = (f"{res.message}; then q's mean took {steps} Newton step{'s' * (steps > 1)} to "
+               f"its optimum, its spread held (mean_gap {old.mean:.3g} -> {gap.mean:.2g} "
+               "nats)")
+    return dataclasses.replace(res, posterior=_posterior(parts), params=params, _elbo=e1,
+                               stationarity=stationarity, mean_gap=gap, message=message)
+
+
 def _gap_flags(gap):
     """Where a ``_mean_gap`` estimate says the mean stopped short: above ``MEAN_GAP_LIMIT`` and
     three standard errors."""
@@ -1290,20 +1368,35 @@ def fit(
     if precondition is None or precondition is False:
         return _fit(target, family, init_params=init_params, warn_short=True, **kwargs)
     if not (isinstance(precondition, str) and precondition == "auto"):
-        return _fit_preconditioned(target, family, precondition, init_params, kwargs)
+        res = _fit_preconditioned(target, family, precondition, init_params, kwargs,
+                                  warn_short=False)
+        res = _polish(res, jax.random.fold_in(key, 3), num_elbo_samples)
+        if _stopped_short(res):
+            res = _warn_short(res, _HINT_OTHER, stacklevel=2)
+        return res
     res = _fit(target, family, init_params=init_params, warn_short=False, **kwargs)
     if not _stopped_short(res):
+        return res
+    first = _shortfall(res)
+    # A mean short on a ridge is polished by Newton steps (``_polish``), which suffices when
+    # the rest of q was at its optimum: a converged fit whose stationarity check passed. When
+    # that check failed too, q's spread may be short as well (kilpisjarvi, mean-field: the
+    # polished fit's ELBO was 0.17-0.2 nats below the refit's), so the refit below is tried
+    # even if the polished fit passes both checks.
+    stationary = res.stationarity is None or res.stationarity <= STATIONARITY_LIMIT
+    res = _polish(res, jax.random.fold_in(key, 2), num_elbo_samples)
+    if stationary and not _stopped_short(res):
         return res
     from vi_engine import preconditioning as lp
 
     if not lp.supports(res.family) or not isinstance(target, Target):
-        return _warn_short(res, _HINT_OTHER, stacklevel=2)
-    first = _shortfall(res)
+        return _warn_short(res, _HINT_OTHER, stacklevel=2) if _stopped_short(res) else res
     try:
         # A key of its own (never reuse one); quiet: whether it is kept is decided here.
         better = _fit_preconditioned(target, res.family, "laplace", init_params,
                                      dict(kwargs, key=jax.random.fold_in(key, 1)),
                                      warn_short=False, quiet=True)
+        better = _polish(better, jax.random.fold_in(key, 3), num_elbo_samples)
     except ValueError as err:  # no proper mode (a funnel): keep the first fit, and say why
         why = f"was not possible: {err}"
     else:
@@ -1321,6 +1414,8 @@ def fit(
             return better
         why = (f"did no better ({better.status} after {better.num_steps} steps, ELBO "
                f"{float(e1.mean):.6g} against {float(e0.mean):.6g})")
+    if not _stopped_short(res):  # the polished first fit passes both checks: kept
+        return res
     why = f"; a refit in coordinates whitened by the Laplace approximation {why}"
     return _warn_short(res, _HINT_OTHER, stacklevel=2, more=why)
 

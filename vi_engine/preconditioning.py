@@ -139,17 +139,21 @@ def _scale_tril_of_inverse(hessian):
     return d[:, None] * cholesky_of_inverse(s)
 
 
-def _newton(neg, z, tol):
+def _newton(neg, z, tol, hessian=None, max_steps=None):
     """Newton steps from the L-BFGS end point, each the first of 1, 1/2, 1/4, ... that lowers
     ``neg`` (or the full step if it leaves ``neg`` unchanged at the dtype's resolution): Newton
     is affine invariant, so a narrow ridge that L-BFGS crawls along (its first Hessian guess is
     a multiple of the identity) takes it a step or two. Stops at the mode (Newton decrement
     ``<= tol``), when no step is taken (or the Hessian is not positive definite there), or
-    after ``_NEWTON_STEPS``. Returns ``(z, neg(z), ∇neg(z), ∇²neg(z), steps taken)``."""
+    after ``max_steps`` (default ``_NEWTON_STEPS``). ``hessian(z)``: the matrix the steps use
+    (default ``∇²neg``; any positive definite stand-in still gives descent steps, which the
+    line search keeps). Returns ``(z, neg(z), ∇neg(z), hessian(z), steps taken)``."""
+    hessian_fn = jax.hessian(neg) if hessian is None else hessian
+    max_steps = _NEWTON_STEPS if max_steps is None else max_steps
 
     def derivatives(z):
         value, grad = jax.value_and_grad(neg)(z)
-        hessian = jax.hessian(neg)(z)
+        hessian = hessian_fn(z)
         return value, grad, 0.5 * (hessian + hessian.T)  # exact symmetry for the Cholesky
 
     def step(carry):
@@ -169,7 +173,7 @@ def _newton(neg, z, tol):
     def keep_going(carry):
         _, _, grad, hessian, count, moved = carry
         at_mode = _newton_decrement(grad, hessian) <= tol
-        return moved & ~at_mode & (count < _NEWTON_STEPS)
+        return moved & ~at_mode & (count < max_steps)
 
     init = (z, *derivatives(z), jnp.zeros((), jnp.int32), jnp.asarray(True))
     z, value, grad, hessian, count, _ = jax.lax.while_loop(keep_going, step, init)
