@@ -657,6 +657,11 @@ def _mean_gap(key, family, params, target):
 _POLISH_PAIRS = 128
 _POLISH_TOL = 1e-3
 _POLISH_STEPS = 8
+# XLA's defaults, not the cheaper settings of _compile: compiled with XLA's classic emitters
+# ("fast" or "minimal"), fit_many's polish of two d = N = 200 regressions hung in XLA's CPU
+# runtime (a future never ready, no CPU used) in 3-5 of 6 fresh processes; with the defaults,
+# 0 of 22 (measured; not reduced to a smaller program). It runs only on fits that need it.
+_POLISH_EFFORT = "full"
 
 
 def _polish_fn(family):
@@ -695,8 +700,9 @@ def _polish_fn(family):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_polish(family):
-    return jax.jit(_polish_fn(family))
+def _compiled_polish(family, batched=False):
+    polish = _polish_fn(family)
+    return jax.jit(jax.vmap(polish) if batched else polish)
 
 
 def _polish(res, key, num_elbo_samples):
@@ -708,7 +714,7 @@ def _polish(res, key, num_elbo_samples):
     family, target = res.family, res.target
     k_polish, k_final = jax.random.split(key)
     program = _executable(_compiled_polish(family), ("polish", family), k_polish, res.params,
-                          target, effort=_compile.ONCE)
+                          target, effort=_POLISH_EFFORT)
     params, steps = program.result()(k_polish, res.params, target)
     steps = int(steps)
     if steps == 0 or not all(bool(jnp.all(jnp.isfinite(x)))
@@ -728,6 +734,45 @@ def _polish(res, key, num_elbo_samples):
                "nats)")
     return dataclasses.replace(res, posterior=_posterior(parts), params=params, _elbo=e1,
                                stationarity=stationarity, mean_gap=gap, message=message)
+
+
+def _polish_many(family, key, params, targets, flagged, estimate, stationarity, gap,
+                 num_elbo_samples):
+    """``fit_many``'s ``_polish``: the problems ``flagged`` (a ``(B,)`` mask) polished, each kept
+    where its mean gap drops (fresh draws) and its ELBO does not (by 3 standard errors).
+    Returns ``(params, estimate, posterior parts, stationarity, mean gap, kept)``: ``kept`` is
+    the mask of the problems polished, ``estimate`` an ``Estimate`` (both sides' are computed),
+    and every other problem keeps its values."""
+    batch = flagged.shape[0]
+    k_polish, k_final = jax.random.split(key)
+    keys, k_finals = jax.random.split(k_polish, batch), jax.random.split(k_final, batch)
+    program = _executable(_compiled_polish(family, True), ("polish", family, True), keys,
+                          params, targets, effort=_POLISH_EFFORT)
+    new, steps = program.result()(keys, params, targets)
+    finite = functools.reduce(np.logical_and, (
+        np.all(np.isfinite(np.asarray(x)).reshape(batch, -1), 1)
+        for x in jax.tree_util.tree_leaves(new)))
+    moved = flagged & (np.asarray(steps) > 0) & finite
+    candidate = _where_problems(moved, new, params)
+    final = _final_executables(family, num_elbo_samples, True, k_finals, candidate, targets)
+    estimate2, _, stationarity2, gap2 = _finish(final, k_finals, candidate, targets)
+    e0, e1 = estimate(), estimate2()
+    slack = 3 * np.sqrt(np.square(e0.stderr) + np.square(e1.stderr))
+    kept = moved & (gap2.mean < gap.mean) & (e1.mean >= e0.mean - slack)
+    params = _where_problems(kept, candidate, params)
+
+    def pick(a, b):
+        return Estimate(*(np.where(kept, x, y) for x, y in zip(a, b, strict=True)))
+
+    return (params, pick(e1, e0), final[0].result()(params),
+            np.where(kept, stationarity2, stationarity), pick(gap2, gap), kept)
+
+
+def _where_problems(mask, a, b):
+    """Per problem (the leading axis of every leaf): ``a`` where ``mask``, else ``b``."""
+    mask = jnp.asarray(mask)
+    return jax.tree_util.tree_map(
+        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
 def _gap_flags(gap):
@@ -1086,7 +1131,8 @@ class FitResult:
         Gaussian target). A converged fit above ``MEAN_GAP_LIMIT`` (0.25 nats, and three
         standard errors) stopped short, and is treated as above (measured on posteriordb:
         -0.12-0.10 for fits that match the reference; 1.9-3.0 for kidiq's mean-field fits,
-        1.9-2.3 sds off, whose stationarity read 1.9-2.2). NaN where that Hessian is not
+        1.9-2.3 sds off, whose stationarity read 1.9-2.2); ``fit`` and ``fit_many`` polish
+        such a mean by Newton steps (``fit``'s ``precondition``). NaN where that Hessian is not
         positive definite; ``None`` for other families, where d² exceeds the check's memory
         budget (d > 2048 for one problem), or with ``num_elbo_samples=0``.
       family, target: what was fitted.
@@ -1346,12 +1392,16 @@ def fit(
         correlated posteriors, where Adam's steps cannot follow the ridge (see
         ``vi_engine.preconditioning``); needs a proper mode. Gaussian families only.
         ``"auto"`` (default): fit as usual, and if the fit converged short of its family's
-        optimum (``stationarity`` or ``mean_gap`` above its limit), refit preconditioned
-        (the message says so; ``num_steps`` and ``losses`` are then the refit's); where that
-        is not possible (no proper mode, a flow), or when the refit does no better, keep the
-        first fit with a warning. ``None`` or ``False``: never. The checks need the ELBO
-        objective and ``num_elbo_samples > 0``; without them there is no check, hence no
-        refit.
+        optimum (``stationarity`` or ``mean_gap`` above its limit), mend it. A mean-field or
+        low-rank mean short on a ridge (``mean_gap``) first takes Newton steps on q's mean,
+        q's spread held (a second or two; they land on the optimum of a Gaussian target);
+        that is kept if it passes both checks and the stationarity check had passed before.
+        Otherwise refit preconditioned (the message says so; ``num_steps`` and ``losses``
+        are then the refit's), its mean polished the same way if it needs it; where that is
+        not possible (no proper mode, a flow), or when the refit does no better, keep the
+        first fit, with a warning if it is still short. With ``"laplace"``, the refit's mean
+        is polished too. ``None`` or ``False``: never. The checks need the ELBO objective and
+        ``num_elbo_samples > 0``; without them there is no check, hence no refit.
 
     Returns:
       ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
@@ -1892,6 +1942,23 @@ def fit_many(
         message += (". Hint: lower the step size (optimizer=...), or check the targets' log "
                     "density for overflow")
     estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, targets)
+    if mean_gap is not None:
+        # As in fit: a converged problem short in its mean alone (its stationarity check
+        # passed) is polished by Newton steps on its mean (_polish); fit_many has no refit.
+        flagged = ((status == CONVERGED) & _gap_flags(mean_gap)
+                   & (stationarity <= STATIONARITY_LIMIT))
+        if flagged.any():
+            before = mean_gap
+            params, estimate, parts, stationarity, mean_gap, kept = _polish_many(
+                family, jax.random.fold_in(key, 2), params, targets, flagged, estimate,
+                stationarity, mean_gap, num_elbo_samples)
+            if kept.any():
+                message += (
+                    f"; problems {_some(np.flatnonzero(kept))} converged with their means "
+                    f"short (mean_gap up to {np.max(before.mean[kept]):.3g} nats), and took "
+                    "Newton steps to their optimum, their spread held (mean_gap now at most "
+                    f"{np.max(mean_gap.mean[kept]):.2g})"
+                )
     short = np.zeros((0,), int)
     if stationarity is not None:
         by_z = (status == CONVERGED) & (stationarity > STATIONARITY_LIMIT)
