@@ -132,6 +132,32 @@ def test_iwae_bound_increases_with_k_towards_the_log_evidence(gauss3):
     assert bounds[0] < bounds[1] < bounds[2] < float(gauss3.log_evidence) + 1e-2, bounds
 
 
+def test_renyi_bounds_match_the_closed_form_on_both_sides_of_the_evidence(gauss3):
+    # q = N(m, 1.5² I) against the Gaussian posterior N(m, Σ): ∫ q^α p^{1-α} has a closed form
+    # (both centred at m), so L_α = log p(D) − D_α(q‖p) is known. α = −1 lies above log p(D),
+    # α = 0.5 below; the estimate approaches L_α from below as the particles grow.
+    family = vi.MeanField()
+    params = family.init(None, 3)._replace(loc=gauss3.posterior.loc,
+                                           log_scale=jnp.full(3, jnp.log(1.5)))
+    sq = 2.25 * np.eye(3)
+    sp = np.asarray(gauss3.posterior.covariance_matrix, np.float64)
+    log_z = float(gauss3.log_evidence)
+
+    def exact_bound(a):
+        prec = a * np.linalg.inv(sq) + (1 - a) * np.linalg.inv(sp)
+        log_int = -0.5 * (a * np.linalg.slogdet(sq)[1] + (1 - a) * np.linalg.slogdet(sp)[1]
+                          + np.linalg.slogdet(prec)[1])
+        return log_z - log_int / (a - 1)
+
+    for alpha, side in ((-1.0, 1), (0.5, -1)):
+        got = [float(jax.jit(lambda key, k=k: vi.Renyi(alpha=alpha, num_particles=k).loss(
+            params, key, family, gauss3.target, 200)[1])(jax.random.key(1)))
+            for k in (10, 100, 1000)]
+        want = exact_bound(alpha)
+        assert side * (want - log_z) > 0.5, (alpha, want, log_z)
+        assert got[0] < got[1] < got[2] < want + 0.02 and got[2] > want - 0.1, (alpha, got, want)
+
+
 def test_fixed_steps_run_exactly(gauss3):
     res = vi.fit(
         gauss3.target, "meanfield", key=jax.random.key(12), tol=None, num_steps=123,
@@ -392,6 +418,29 @@ def test_a_mean_field_fit_short_on_a_ridge_is_polished():
     assert 0.5 * diff @ prec @ diff < 1e-4 and abs(res.mean_gap.mean) < 1e-4
     np.testing.assert_array_equal(res.params.log_scale, plain.params.log_scale)
     assert res.num_steps == plain.num_steps and float(res.elbo.mean) > float(plain.elbo.mean)
+
+
+def test_fit_many_starts_each_problem_from_its_init_params(gauss3):
+    X = jax.random.normal(jax.random.key(0), (3, 40, 2))
+    y = X @ jnp.array([1.0, -1.0]) + jax.random.normal(jax.random.key(1), (3, 40))
+
+    def make(Xi, yi):
+        return exact.linear_regression(Xi, yi).target
+
+    first = vi.fit_many(make, X, y, family="meanfield", key=jax.random.key(2), progress=False)
+    # A zero step size leaves every problem where it starts: at its own slice.
+    start = first.params._replace(loc=first.params.loc + jnp.arange(3.0)[:, None])
+    still = vi.fit_many(make, X, y, family="meanfield", key=jax.random.key(3), progress=False,
+                        init_params=start, optimizer=optax.sgd(0.0), tol=None, num_steps=5)
+    for got, want in zip(still.params, start, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Going on from a converged fit: it stays at the optimum.
+    more = vi.fit_many(make, X, y, family="meanfield", key=jax.random.key(4), progress=False,
+                       init_params=first.params, tol=None, num_steps=200)
+    np.testing.assert_allclose(more.posterior.mean, first.posterior.mean, atol=0.05)
+    with pytest.raises(ValueError, match=r"one per problem \(a leading axis of 3\)"):
+        vi.fit_many(make, X, y, family="meanfield", key=jax.random.key(3), progress=False,
+                    init_params=vi.MeanField().init(None, 2))
 
 
 def test_fit_many_polishes_the_problems_short_in_their_means():
