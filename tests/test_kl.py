@@ -588,6 +588,7 @@ def test_kl_estimate_chunking_and_base():
     np.testing.assert_allclose(a.estimate, b.estimate, atol=5 * float(a.stderr))
     c = kl_estimate(p, q, KEY, 40_000, base=2)
     np.testing.assert_allclose(c.estimate, a.estimate / math.log(2), rtol=1e-5)
+    assert c.mean is c.estimate  # read like vi.Estimate
     with pytest.raises(ValueError, match="batch_size"):
         kl_estimate(p, q, KEY, 1000, batch_size=300)
 

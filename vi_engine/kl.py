@@ -113,10 +113,18 @@ class KLNotImplementedError(NotImplementedError):
 
 
 class KLEstimate(NamedTuple):
-    """Monte Carlo estimate of KL(p‖q) and its standard error, both of the broadcast batch shape."""
+    """Monte Carlo estimate of KL(p‖q) and its standard error, both of the broadcast batch shape.
+
+    ``mean`` is ``estimate`` under the name ``vi.Estimate`` uses (the fit's ELBO, mean gap), so
+    code reading either type reads ``.mean`` and ``.stderr``.
+    """
 
     estimate: jax.Array
     stderr: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.estimate
 
 
 def _describe(d) -> str:
