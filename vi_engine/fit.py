@@ -658,11 +658,6 @@ def _mean_gap(key, family, params, target):
 _POLISH_PAIRS = 128
 _POLISH_TOL = 1e-3
 _POLISH_STEPS = 8
-# XLA's defaults, not the cheaper settings of _compile: compiled with XLA's classic emitters
-# ("fast" or "minimal"), fit_many's polish of two d = N = 200 regressions hung in XLA's CPU
-# runtime (a future never ready, no CPU used) in 3-5 of 6 fresh processes; with the defaults,
-# 0 of 22 (measured; not reduced to a smaller program). It runs only on fits that need it.
-_POLISH_EFFORT = "full"
 
 
 def _polish_fn(family):
@@ -703,7 +698,15 @@ def _polish_fn(family):
 @functools.lru_cache(maxsize=64)
 def _compiled_polish(family, batched=False):
     polish = _polish_fn(family)
-    return jax.jit(jax.vmap(polish) if batched else polish)
+    if not batched:
+        return jax.jit(polish)
+    # One problem after another (lax.map), not vmap: vmapped, the Newton loop runs two
+    # independent batched Cholesky factorizations per iteration (the step's and the stopping
+    # test's), and jaxlib 0.10.2's batched LAPACK kernels deadlock when two run at once on
+    # XLA's CPU thread pool (each waits for chunks it queued on the pool the other holds). Two
+    # d = N = 200 problems hung in 3-5 of 6 processes that way; a polish is rare and cheap.
+    return jax.jit(lambda keys, params, targets: jax.lax.map(
+        lambda args: polish(*args), (keys, params, targets)))
 
 
 def _polish(res, key, num_elbo_samples):
@@ -715,7 +718,7 @@ def _polish(res, key, num_elbo_samples):
     family, target = res.family, res.target
     k_polish, k_final = jax.random.split(key)
     program = _executable(_compiled_polish(family), ("polish", family), k_polish, res.params,
-                          target, effort=_POLISH_EFFORT)
+                          target, effort=_compile.ONCE)
     params, steps = program.result()(k_polish, res.params, target)
     steps = int(steps)
     if steps == 0 or not all(bool(jnp.all(jnp.isfinite(x)))
@@ -748,7 +751,7 @@ def _polish_many(family, key, params, targets, flagged, estimate, stationarity, 
     k_polish, k_final = jax.random.split(key)
     keys, k_finals = jax.random.split(k_polish, batch), jax.random.split(k_final, batch)
     program = _executable(_compiled_polish(family, True), ("polish", family, True), keys,
-                          params, targets, effort=_POLISH_EFFORT)
+                          params, targets, effort=_compile.ONCE)
     new, steps = program.result()(keys, params, targets)
     finite = functools.reduce(np.logical_and, (
         np.all(np.isfinite(np.asarray(x)).reshape(batch, -1), 1)
