@@ -721,17 +721,16 @@ def _polish(res, key, num_elbo_samples):
                           target, effort=_compile.ONCE)
     params, steps = program.result()(k_polish, res.params, target)
     steps = int(steps)
-    if steps == 0 or not all(bool(jnp.all(jnp.isfinite(x)))
-                             for x in jax.tree_util.tree_leaves(params)):
+    if steps == 0 or not all(np.isfinite(x).all() for x in jax.device_get(
+            jax.tree_util.tree_leaves(params))):
         return res
     final = _final_executables(family, num_elbo_samples, False, k_final, params, target)
     estimate, parts, stationarity, gap = _finish(final, k_final, params, target)
     old = res.mean_gap
     if not gap.mean < old.mean:  # NaN (no verdict at the new mean) keeps the old
         return res
-    e0, e1 = res.elbo, estimate()
-    slack = 3 * math.sqrt(float(e0.stderr) ** 2 + float(e1.stderr) ** 2)
-    if not float(e1.mean) >= float(e0.mean) - slack:
+    e1 = estimate()
+    if not _not_lower(res.elbo, e1):
         return res
     message = (f"{res.message}; then q's mean took {steps} Newton step{'s' * (steps > 1)} to "
                f"its optimum, its spread held (mean_gap {old.mean:.3g} -> {gap.mean:.2g} "
@@ -761,8 +760,7 @@ def _polish_many(family, key, params, targets, flagged, estimate, stationarity, 
     final = _final_executables(family, num_elbo_samples, True, k_finals, candidate, targets)
     estimate2, _, stationarity2, gap2 = _finish(final, k_finals, candidate, targets)
     e0, e1 = estimate(), estimate2()
-    slack = 3 * np.sqrt(np.square(e0.stderr) + np.square(e1.stderr))
-    kept = moved & (gap2.mean < gap.mean) & (e1.mean >= e0.mean - slack)
+    kept = moved & (gap2.mean < gap.mean) & _not_lower(e0, e1)
     params = _where_problems(kept, candidate, params)
 
     def pick(a, b):
@@ -773,10 +771,19 @@ def _polish_many(family, key, params, targets, flagged, estimate, stationarity, 
 
 
 def _where_problems(mask, a, b):
-    """Per problem (the leading axis of every leaf): ``a`` where ``mask``, else ``b``."""
-    mask = jnp.asarray(mask)
+    """Per problem (the leading axis of every leaf): ``a`` where the host mask ``mask``, else
+    ``b``; selected on the host (an eager ``jnp.where`` compiles a program per leaf shape)."""
+    a, b = jax.device_get((a, b))
     return jax.tree_util.tree_map(
-        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
+        lambda x, y: jnp.asarray(np.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y)),
+        a, b)
+
+
+def _not_lower(e0, e1):
+    """Whether (per problem) the ``Estimate`` ``e1`` of an ELBO is not lower than ``e0`` by more
+    than three standard errors of their difference: how a polish or a refit is accepted."""
+    m0, s0, m1, s1 = (np.asarray(x, np.float64) for x in (*e0, *e1))
+    return m1 >= m0 - 3 * np.sqrt(np.square(s0) + np.square(s1))
 
 
 def _gap_flags(gap):
@@ -1462,8 +1469,7 @@ def fit(
         # Kept only if it converged and its ELBO is not lower (within 3 standard errors): a
         # refit can fail where the first fit did not (a large full-rank d, measured in review).
         e0, e1 = res.elbo, better.elbo
-        slack = 3 * math.sqrt(float(e0.stderr) ** 2 + float(e1.stderr) ** 2)
-        if better.status == "converged" and float(e1.mean) >= float(e0.mean) - slack:
+        if better.status == "converged" and _not_lower(e0, e1):
             message = (f"{better.message} (refitted in coordinates whitened by the Laplace "
                        f"approximation: the first fit converged after {res.num_steps} steps "
                        f"short of the family's optimum, {first})")
@@ -1842,12 +1848,8 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     limit = np.where(nonfinite, bad_steps, np.asarray(start.step)).astype(np.int32)
     replay = _replay_executable(cfg, True, effort, running, keys, targets, tol_arr, limit)
     new, _ = replay(running, keys, targets, tol_arr, limit)
-    new_params, new_steps, params = jax.device_get((new.params, new.step, params))
-
-    def pick(a, b):
-        return jnp.asarray(np.where(nonfinite.reshape((size,) + (1,) * (a.ndim - 1)), a, b))
-
-    return jax.tree_util.tree_map(pick, new_params, params), np.where(nonfinite, new_steps, steps)
+    return (_where_problems(nonfinite, new.params, params),
+            np.where(nonfinite, np.asarray(new.step), steps))
 
 
 def fit_many(
