@@ -25,6 +25,7 @@ import gc
 import math
 
 import jax
+import jax.numpy as jnp
 
 OPTIONS = {
     "minimal": {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
@@ -94,3 +95,27 @@ def gc_paused():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def after(x, dep):
+    """``x``, but computed after the scalar ``dep``: ``x`` where ``dep`` is not NaN, else NaN.
+
+    XLA's CPU runtime runs the independent parts of a program at once, on a pool of one thread
+    per core. jaxlib 0.10's batched LAPACK kernels (Cholesky, triangular solve, ...) split the
+    batch into chunks queued on that same pool and block their thread until the chunks are done.
+    Two such kernels running at once on 2 cores each hold a thread and wait for chunks that no
+    thread is left to run: the process hangs (jaxlib 0.10.0-0.11.0; 0.9 has no such path and
+    0.11.1+ compiles it out). A program that evaluates a target's density over a batch of draws
+    twice, independently, meets this as soon as the density factors a matrix (a Gaussian
+    process's kernel: 7 of 8 mean-field fits of a 120-point GP hung in the end-of-fit check,
+    measured). So the parts that vi_engine composes are chained: the second reads the first's
+    result (``dep``), a data dependency the runtime must respect, where
+    ``lax.optimization_barrier`` is no ordering at run time (it emits no operation, and the
+    runtime orders by buffers). A NaN ``dep`` already means "no verdict" where this is used, so
+    passing it on changes no result.
+
+    >>> import jax.numpy as jnp
+    >>> after(jnp.ones(2), jnp.float32(3.0)).tolist(), after(jnp.ones(2), jnp.nan).tolist()
+    ([1.0, 1.0], [nan, nan])
+    """
+    return jnp.where(jnp.isnan(dep), jnp.nan, x)

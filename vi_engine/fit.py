@@ -636,9 +636,11 @@ def _mean_gap(key, family, params, target):
 
     loc = params.loc
     n = _CHECK_DRAWS
-    hess = -jax.hessian(target.log_density)(loc)
     z = family.sample(jax.random.fold_in(key, 3), params, n)
-    g = jax.vmap(jax.grad(target.log_density))(z) + (z - loc) @ hess.T
+    g = jax.vmap(jax.grad(target.log_density))(z)
+    # The Hessian (batched over the dim directions) after the draws' gradients (``_compile.after``).
+    hess = -jax.hessian(target.log_density)(_compile.after(loc, jnp.sum(g)))
+    g = g + (z - loc) @ hess.T
     d, s = lp._jacobi(hess)
     chol = jnp.linalg.cholesky(s)
     # Whitened: |u_i|² = g_iᵀ H⁻¹ g_i (u_i = chol⁻¹ diag(d) g_i), as in _newton_decrement.
@@ -805,9 +807,14 @@ def _check_fn(family, batched):
     """``check(key, params, target) -> (stationarity, mean gap or None)``."""
 
     def check(key, params, target, budget=None):
-        gap = (_mean_gap(key, family, params, target)
-               if _has_mean_gap(family, target.dim, budget) else None)
-        return _stationarity(key, family, params, target, budget), gap
+        stationarity = _stationarity(key, family, params, target, budget)
+        gap = None
+        if _has_mean_gap(family, target.dim, budget):
+            # After the stationarity, not beside it: each evaluates the target over a batch of
+            # draws (``_compile.after``).
+            after = params._replace(loc=_compile.after(params.loc, stationarity))
+            gap = _mean_gap(key, family, after, target)
+        return stationarity, gap
 
     if not batched:
         return check

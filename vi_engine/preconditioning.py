@@ -153,7 +153,9 @@ def _newton(neg, z, tol, hessian=None, max_steps=None):
 
     def derivatives(z):
         value, grad = jax.value_and_grad(neg)(z)
-        hessian = hessian_fn(z)
+        # After the gradient, not beside it: with ``neg`` an average over draws (the mean's
+        # polish) both are batched evaluations of the target (``_compile.after``).
+        hessian = hessian_fn(_compile.after(z, value))
         return value, grad, 0.5 * (hessian + hessian.T)  # exact symmetry for the Cholesky
 
     def step(carry):
