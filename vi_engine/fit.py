@@ -1574,7 +1574,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
 _HINT_FIT = ("Try precondition='laplace' (the default, precondition='auto', refits so where "
              "it can)")
 _HINT_OTHER = "Try more steps (max_steps, stopping) or another family"
-_HINT_MANY = "Fit those problems with vi.fit, whose default (precondition='auto') refits them"
+_HINT_MANY = "fit_many's default, precondition='auto', refits them"
 
 
 _RIDGE = ("as on a ridge Adam's steps cannot follow (a badly scaled or strongly correlated "
@@ -1859,6 +1859,78 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
             np.where(nonfinite, np.asarray(new.step), steps))
 
 
+def _take(tree, rows):
+    """Rows ``rows`` (indices or a mask) of every leaf, the problems' axis; on the host (an
+    eager gather compiles a program per leaf shape)."""
+    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x)[rows]), tree)
+
+
+def _put_rows(tree, rows, new):
+    """``tree`` (host copies of its leaves) with rows ``rows`` replaced by ``new``'s leaves."""
+
+    def put(x, y):
+        x = np.array(x)
+        x[rows] = np.asarray(y)
+        return x
+
+    return jax.tree_util.tree_map(put, tree, new)
+
+
+def _put_losses(losses, rows, new):
+    """``(B, T)`` losses with rows ``rows`` replaced by ``new`` ``(len(rows), T')``, NaN-padded
+    to the longer of the two."""
+    losses, new = np.asarray(losses), np.asarray(new)
+    out = np.full((losses.shape[0], max(losses.shape[1], new.shape[1])), np.nan, losses.dtype)
+    out[:, :losses.shape[1]] = losses
+    out[rows] = np.nan
+    out[rows, :new.shape[1]] = new
+    return jax.device_put(out)
+
+
+def _whitened_many(family, key, targets, lap, init_params, options, quiet):
+    """``fit_many`` of ``targets`` in the coordinates ``z = mode + lo w`` of their Laplace
+    approximations ``lap`` (``laplace_many``'s, each a proper mode), mapped back: a
+    ``FitResult`` over ``targets`` (as ``_fit_preconditioned`` does for one)."""
+    from vi_engine import preconditioning as lp
+
+    dtype = _dtype()
+    lap = lap._replace(**{f: jnp.asarray(np.asarray(getattr(lap, f)), dtype)
+                          for f in ("mode", "scale_tril", "precision")})
+    mode = lap.mode
+    lo = jax.vmap(functools.partial(lp.whitening, family))(lap)
+    start = lp.start_family(family)
+    if init_params is not None:
+        init_params = jax.vmap(functools.partial(lp.to_w, start))(init_params, mode, lo)
+    res = _fit_many(lp.whitened_target, (targets, mode, lo), family=start, key=key,
+                    init_params=init_params, precondition=None, quiet=quiet, hint=_HINT_OTHER,
+                    **options)
+    params = jax.vmap(functools.partial(lp.to_z, start))(res.params, mode, lo)
+    parts = _executable(_compiled_final(family), ("final", family), params,
+                        effort=_compile.ONCE).result()(params)
+    return dataclasses.replace(res, posterior=_posterior(parts), params=params, family=family,
+                               target=targets)
+
+
+def _refit_many(family, key, targets, still, init_params, options, estimate):
+    """The problems of the ``(B,)`` mask ``still`` refitted by ``_whitened_many``, quietly.
+    Returns ``(rows, kept, result, no_mode)``: ``rows`` the problems refitted (those with a
+    proper mode), ``kept`` a mask over ``rows`` of the refits that converged with an ELBO not
+    lower than ``estimate``'s (by 3 standard errors), ``result`` the refits' ``FitResult``
+    (``None`` if no row), ``no_mode`` the problems without a proper mode."""
+    from vi_engine import preconditioning as lp
+
+    idx = np.flatnonzero(still)
+    sub = _take(targets, idx)
+    lap, ok = lp.laplace_many(sub)
+    rows = idx[ok]
+    if not rows.size:
+        return rows, np.zeros(0, bool), None, idx
+    init = None if init_params is None else _take(init_params, rows)
+    res = _whitened_many(family, key, _take(sub, ok), _take(lap, ok), init, options, True)
+    kept = np.asarray(res.converged) & _not_lower(_take(tuple(estimate), rows), res.elbo)
+    return rows, kept, res, idx[~ok]
+
+
 def fit_many(
     make_target,
     *batched_args,
@@ -1874,6 +1946,7 @@ def fit_many(
     max_steps=DEFAULT_MAX_STEPS,
     stopping=DEFAULT_STOPPING,
     num_elbo_samples=1000,
+    precondition="auto",
 ):
     """Fit B independent problems in one compiled call.
 
@@ -1881,9 +1954,14 @@ def fit_many(
     ``batched_args``. Each problem stops on its own convergence (a per-problem done mask); the
     progress bar follows the batch as a whole. Options are as in ``vi.fit``, but for
     ``init_params``: the family's parameters of every problem, each leaf leading with ``B``
-    (e.g. the ``params`` of an earlier ``fit_many``, to go on from there); and there is no
-    ``precondition`` (a problem short of its optimum is reported, or its mean polished: see
-    ``FitResult.mean_gap``).
+    (e.g. the ``params`` of an earlier ``fit_many``, to go on from there).
+
+    ``precondition``, per problem as in ``vi.fit``: ``"auto"`` (default) polishes the mean of
+    a problem that converged short in its mean alone, and refits the problems still short of
+    their family's optimum in coordinates whitened by their own Laplace approximations (all of
+    them in one more compiled call), keeping a problem's refit where it converged and its ELBO
+    is not lower (by 3 standard errors); ``"laplace"`` fits every problem that way from the
+    start (an error names the problems without a proper mode); ``None``: the polish only.
 
     Returns:
       ``FitResult`` whose posterior has batch shape ``(B,)``; ``params`` leaves lead with ``B``;
@@ -1898,6 +1976,29 @@ def fit_many(
     >>> res.posterior.batch_shape
     (4,)
     """
+    if not (precondition is None or precondition is False
+            or (isinstance(precondition, str) and precondition in ("auto", "laplace"))):
+        raise ValueError(
+            f"precondition: expected None, 'auto' or 'laplace', got {precondition!r}"
+        )
+    return _fit_many(make_target, batched_args, family=family, key=key, num_steps=num_steps,
+                     optimizer=optimizer, num_samples=num_samples, objective=objective,
+                     tol=tol, progress=progress, init_params=init_params,
+                     max_steps=max_steps, stopping=stopping,
+                     num_elbo_samples=num_elbo_samples, precondition=precondition or None,
+                     quiet=False)
+
+
+def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, num_samples,
+              objective, tol, progress, init_params, max_steps, stopping, num_elbo_samples,
+              precondition, quiet, hint=None):
+    """``fit_many``; ``quiet``: no warning (its message still says everything); ``hint``: what
+    the message suggests for problems left short of their optimum."""
+    if hint is None:
+        hint = _HINT_MANY if precondition is None else _HINT_OTHER
+    options = dict(num_steps=num_steps, optimizer=optimizer, num_samples=num_samples,
+                   objective=objective, tol=tol, progress=progress, max_steps=max_steps,
+                   stopping=stopping, num_elbo_samples=num_elbo_samples)
     if not callable(make_target):
         raise TypeError(
             f"make_target: expected a function args_i -> vi.Target, got {type(make_target)}"
@@ -1930,6 +2031,22 @@ def fit_many(
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     _check_init_params(family, init_params, key, targets.dim, dtype, batch=B)
+    if precondition == "laplace":
+        from vi_engine import preconditioning as lp
+
+        lp.check_family(family)
+        lap, ok = lp.laplace_many(targets)
+        if not ok.all():
+            raise ValueError(
+                f"vi.fit_many: precondition='laplace': the mode search of problems "
+                f"{_some(np.flatnonzero(~ok))} found no proper mode (an unbounded density such "
+                "as a hierarchical funnel, a saddle, or a search that did not converge: "
+                "vi.laplace on one of them says which). Fit with precondition='auto' or None."
+            )
+        res = _whitened_many(family, key, targets, lap, init_params, options, quiet)
+        return dataclasses.replace(res, message=(
+            f"{res.message} (fitted in coordinates whitened by each problem's Laplace "
+            "approximation)"))
     fixed = tol is None and not progress
     run = _optimize(cfg, B, targets.dim, dtype, key, init_params, targets, tol_arr, cap_arr,
                     per_sync, progress, f"fit_many {family.name} x{B}", num_elbo_samples, fixed)
@@ -1983,6 +2100,45 @@ def fit_many(
                     "Newton steps to their optimum, their spread held (mean_gap now at most "
                     f"{np.max(mean_gap.mean[kept]):.2g})"
                 )
+    losses = _join(chunks, int(steps.max()))
+    if precondition == "auto" and stationarity is not None:
+        # As in fit: the problems still short are refitted from their Laplace approximations.
+        from vi_engine import preconditioning as lp
+
+        still = (status == CONVERGED) & ((stationarity > STATIONARITY_LIMIT)
+                                         | _gap_flags(mean_gap))
+        if still.any() and lp.supports(family):
+            estimate = estimate() if isinstance(estimate, _PendingEstimate) else estimate
+            rows, kept, new, no_mode = _refit_many(
+                family, jax.random.fold_in(key, 1), targets, still, init_params, options,
+                estimate)
+            acc = rows[kept]
+            if acc.size:
+                sel = np.flatnonzero(kept)
+                gain = np.asarray(new.elbo.mean)[sel] - np.asarray(estimate.mean)[acc]
+                params = jax.device_put(_put_rows(params, acc, _take(new.params, sel)))
+                estimate = Estimate(*_put_rows(tuple(estimate), acc, _take(tuple(new.elbo), sel)))
+                stationarity = _put_rows(stationarity, acc, _take(new.stationarity, sel))
+                if mean_gap is not None:
+                    mean_gap = Estimate(*_put_rows(tuple(mean_gap), acc,
+                                                   _take(tuple(new.mean_gap), sel)))
+                steps = _put_rows(steps, acc, _take(new.num_steps, sel))
+                status = _put_rows(status, acc, np.full(acc.size, CONVERGED))
+                losses = _put_losses(losses, acc, _take(new.losses, sel))
+                parts = _executable(_compiled_final(family), ("final", family), params,
+                                    effort=_compile.ONCE).result()(params)
+                message += (
+                    f"; problems {_some(acc)} converged short of their family's optimum and "
+                    "were refitted in coordinates whitened by their Laplace approximations "
+                    f"(ELBO {np.min(gain):+.3g} to {np.max(gain):+.3g} nats)"
+                )
+            if no_mode.size:
+                message += (f"; a refit of problems {_some(no_mode)} was not possible (no "
+                            "proper mode found: see vi.laplace)")
+            if (~kept).any():
+                message += (f"; the refits of problems {_some(rows[~kept])} did no better "
+                            "(not converged, or a lower ELBO) and were not kept")
+        names = np.array([_STATUS_NAMES[int(s)] for s in status])
     short = np.zeros((0,), int)
     if stationarity is not None:
         by_z = (status == CONVERGED) & (stationarity > STATIONARITY_LIMIT)
@@ -1998,14 +2154,14 @@ def fit_many(
     if short.size:
         message += (
             f"; problems {_some(short)} converged short of their family's optimum: "
-            f"{' and '.join(why)}, {_RIDGE}. {_HINT_MANY}"
+            f"{' and '.join(why)}, {_RIDGE}. {hint}"
         )
-    if bad.size or short.size:  # one warning for both
-        warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=2)
+    if (bad.size or short.size) and not quiet:  # one warning for both
+        warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=3)
     return FitResult(
         posterior=_posterior(parts),
         params=params,
-        losses=_join(chunks, int(steps.max())),
+        losses=losses,
         _elbo=estimate,
         num_steps=steps,
         converged=status == CONVERGED,

@@ -349,3 +349,54 @@ def to_z(family, params, mode, lo) -> Any:
 def to_w(family, params, mode, lo) -> Any:
     """The inverse of ``to_z``: parameters over ``z`` mapped to those over ``w``."""
     return _map_params(family, params, mode, lo, False)
+
+
+def _modes_and_hessians(targets, z0, max_iters, tol, ftol):
+    # One problem after another (lax.map): vmapped, the Newton loop's factorizations of the
+    # problems' Hessians are batched LAPACK calls, two of which at once deadlock jaxlib 0.10 on
+    # CPU (``_compile.after``); the searches are rare and short.
+    return jax.lax.map(lambda t: _mode_and_hessian(t, z0, max_iters, tol, ftol), targets)
+
+
+_jitted_many = jax.jit(_modes_and_hessians)
+
+
+def laplace_many(targets: Target, *, max_iters: int = 1000, tol: float | None = None,
+                 ftol: float | None = None):
+    """``vi.laplace`` of each of a batch of targets (a ``Target`` built under ``jax.vmap``,
+    leaves leading with ``B``), in one compiled call: ``(Laplace with (B, ...) fields, ok)``.
+
+    ``ok`` is a ``(B,)`` NumPy mask of the problems with a proper mode that the search reached
+    (where ``vi.laplace`` returns instead of raising, and ``converged``); the others' fields
+    are whatever the search ended at. ``num_iters`` and ``num_newton`` are ``(B,)`` arrays,
+    ``converged`` is ``ok``. Defaults as in ``vi.laplace``, from zeros.
+
+    >>> import jax, jax.numpy as jnp, vi_engine as vi
+    >>> mk = lambda m: vi.Target.from_log_density(lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 2,
+    ...                                          data=(m,))
+    >>> lap, ok = laplace_many(jax.vmap(mk)(jnp.arange(6.0).reshape(3, 2)))
+    >>> lap.mode.shape, ok.tolist()
+    ((3, 2), [True, True, True])
+    """
+    if not isinstance(targets, Target):
+        raise TypeError(f"targets: expected a batched vi.Target, got {type(targets).__name__}")
+    dtype = jnp.result_type(float)
+    eps = float(jnp.finfo(dtype).eps)
+    tol = (1e-10 if dtype == jnp.float64 else 1e-5) if tol is None else float(tol)
+    ftol = 10 * eps if ftol is None else float(ftol)
+    _fit = importlib.import_module("vi_engine.fit")
+    args = (targets, jnp.zeros((targets.dim,), dtype), jnp.asarray(max_iters, jnp.int32),
+            jnp.asarray(tol, dtype), jnp.asarray(ftol, dtype))
+    executable = _fit._executable(_jitted_many, ("laplace_many",), *args,
+                                  effort=_compile.ONCE).result()
+    out = jax.device_get(executable(*args))
+    (mode, scale_tril, precision, value, grad_norm, count, newton, decrement, start) = out
+    batch = mode.shape[0]
+    # The tests of ``laplace``, per problem: a finite end point, no lower than the start, a
+    # positive definite Hessian there, and a converged search.
+    ok = (np.isfinite(mode).reshape(batch, -1).all(1) & np.isfinite(value) & (value >= start)
+          & np.isfinite(scale_tril).reshape(batch, -1).all(1) & (decrement <= tol))
+    lap = Laplace(*(jnp.asarray(x) for x in (mode, scale_tril, precision, value, grad_norm,
+                                               decrement)),
+                  np.asarray(count), np.asarray(newton), ok)
+    return lap, ok
