@@ -473,6 +473,70 @@ def test_fit_many_polishes_the_problems_short_in_their_means():
     assert res.elbo.mean.shape == (2,) and np.all(np.isfinite(res.elbo.mean))
 
 
+def _years_regressions(batch):
+    """``batch`` linear regressions on raw years (x = 2000, ..., 2029, with an intercept):
+    posterior correlation about -0.9999, a ridge Adam's per-coordinate steps cannot follow."""
+    x = 2000.0 + jnp.arange(30.0)
+    X = jnp.stack([jnp.stack([jnp.ones(30), x], 1)] * batch)
+    y = X @ jnp.array([9.0, 0.02]) + jax.random.normal(jax.random.key(4), (batch, 30))
+    return X, y
+
+
+def _years_target(Xi, yi):
+    return exact.linear_regression(Xi, yi, prior_scale=10.0).target
+
+
+def test_fit_many_refits_the_problems_short_of_their_optimum():
+    X, y = _years_regressions(3)
+    with pytest.warns(RuntimeWarning, match="precondition='auto', refits them"):
+        plain = vi.fit_many(_years_target, X, y, family="fullrank", key=jax.random.key(0),
+                            progress=False, precondition=None)
+    assert np.all(plain.stationarity > fit_module.STATIONARITY_LIMIT), plain.stationarity
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = vi.fit_many(_years_target, X, y, family="fullrank", key=jax.random.key(0),
+                          progress=False)
+    assert "problems [0, 1, 2] converged short" in res.message
+    assert "were refitted in coordinates whitened" in res.message, res.message
+    assert np.all(res.converged) and np.all(res.stationarity < fit_module.STATIONARITY_LIMIT)
+    for i in range(3):
+        prob = exact.linear_regression(X[i], y[i], prior_scale=10.0)
+        q = dist.MultivariateNormal(res.posterior.loc[i], scale_tril=res.posterior.scale_tril[i])
+        kl = float(kl_divergence(q, prob.posterior))
+        # The plain fit ended ~6 nats below log p(D); the refit reaches it.
+        assert kl < 1e-3, (i, kl)
+        assert abs(float(res.elbo.mean[i]) - float(prob.log_evidence)) < 0.01
+        assert float(plain.elbo.mean[i]) < float(prob.log_evidence) - 1.0
+        # The refit's own steps and losses (NaN-padded to the batch's longest).
+        n = int(res.num_steps[i])
+        assert np.isfinite(res.losses[i, :n]).all() and np.isnan(res.losses[i, n:]).all()
+
+
+def test_fit_many_laplace_preconditions_every_problem():
+    X, y = _years_regressions(2)
+    res = vi.fit_many(_years_target, X, y, family="fullrank", key=jax.random.key(1),
+                      progress=False, precondition="laplace")
+    assert "whitened by each problem's Laplace approximation" in res.message
+    for i in range(2):
+        prob = exact.linear_regression(X[i], y[i], prior_scale=10.0)
+        q = dist.MultivariateNormal(res.posterior.loc[i], scale_tril=res.posterior.scale_tril[i])
+        assert float(kl_divergence(q, prob.posterior)) < 1e-3
+
+
+def _tilted(z, slope):  # no mode where slope != 0: log p̃ grows without bound along z[0]
+    return slope * z[0] - 0.5 * jnp.sum(z[1:] ** 2) - 0.5 * (slope == 0) * z[0] ** 2
+
+
+def test_fit_many_laplace_names_the_problems_without_a_mode():
+    make = lambda s: vi.Target.from_log_density(_tilted, 2, data=(s,))  # noqa: E731
+    with pytest.raises(ValueError, match=r"mode search of problems \[1\] found no proper mode"):
+        vi.fit_many(make, jnp.array([0.0, 1.0]), family="meanfield", key=jax.random.key(0),
+                    progress=False, precondition="laplace")
+    with pytest.raises(ValueError, match="precondition: expected None, 'auto' or 'laplace'"):
+        vi.fit_many(make, jnp.array([0.0, 1.0]), family="meanfield", key=jax.random.key(0),
+                    precondition="always")
+
+
 def test_fullrank_defaults_scale_with_the_dimension():
     # d=100: at Adam 0.05 with one draw the fit converged at KL 846-4741 (the stationarity
     # check flagged it: 10-25); the defaults now take 0.05*20/d and ceil(d/25) draws.
