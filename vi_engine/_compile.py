@@ -98,24 +98,28 @@ def gc_paused():
 
 
 def after(x, dep):
-    """``x``, but computed after the scalar ``dep``: ``x`` where ``dep`` is not NaN, else NaN.
+    """``x``, unchanged, but computed after ``dep`` (an array of any shape):
+    ``x + 0 · isnan(Σ dep)``.
 
     XLA's CPU runtime runs the independent parts of a program at once, on a pool of one thread
-    per core. jaxlib 0.10's batched LAPACK kernels (Cholesky, triangular solve, ...) split the
-    batch into chunks queued on that same pool and block their thread until the chunks are done.
-    Two such kernels running at once on 2 cores each hold a thread and wait for chunks that no
-    thread is left to run: the process hangs (jaxlib 0.10.0-0.11.0; 0.9 has no such path and
-    0.11.1+ compiles it out). A program that evaluates a target's density over a batch of draws
-    twice, independently, meets this as soon as the density factors a matrix (a Gaussian
-    process's kernel: 7 of 8 mean-field fits of a 120-point GP hung in the end-of-fit check,
-    measured). So the parts that vi_engine composes are chained: the second reads the first's
-    result (``dep``), a data dependency the runtime must respect, where
-    ``lax.optimization_barrier`` is no ordering at run time (it emits no operation, and the
-    runtime orders by buffers). A NaN ``dep`` already means "no verdict" where this is used, so
-    passing it on changes no result.
+    per core. jaxlib 0.10's batched LAPACK kernels (Cholesky, triangular solve, ...) split a
+    large enough batch (2e5 flops in all) into chunks queued on that same pool and block their
+    thread until the chunks are done. Two such kernels running at once on 2 cores each hold a
+    thread and wait for chunks that no thread is left to run: the process hangs (jaxlib
+    0.10.0-0.11.0; 0.9 has no such path and 0.11.1+ compiles it out). Measured here: 7 of 8
+    mean-field fits of a 120-point Gaussian process hung in the end-of-fit check, which
+    evaluated the target over two batches of draws side by side; every KL of 10^4 pairs of
+    low-rank Gaussians hung (p's and q's capacitance factorizations side by side). So the
+    LAPACK work that vi_engine composes is chained, each part reading the previous part's
+    result: a data dependency the runtime must respect, where ``lax.optimization_barrier``
+    gives no order at run time (it emits no operation, and the runtime orders by buffers).
+    XLA keeps the product: ``0 · y`` is not ``0`` for a float ``y`` that may be NaN, which a
+    simplifier cannot rule out. Values are unchanged (a ``-0.0`` becomes ``0.0``), and so are
+    gradients.
 
     >>> import jax.numpy as jnp
-    >>> after(jnp.ones(2), jnp.float32(3.0)).tolist(), after(jnp.ones(2), jnp.nan).tolist()
-    ([1.0, 1.0], [nan, nan])
+    >>> after(jnp.array([1.0, -2.0]), jnp.array([jnp.nan, 3.0])).tolist()
+    [1.0, -2.0]
     """
-    return jnp.where(jnp.isnan(dep), jnp.nan, x)
+    flag = jnp.isnan(jnp.sum(dep)).astype(jnp.result_type(x))
+    return x + 0 * flag

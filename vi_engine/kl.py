@@ -67,6 +67,8 @@ from numpyro.distributions import (
     Uniform,
 )
 
+from vi_engine import _compile
+
 __all__ = [
     "KLEstimate",
     "KLNotImplementedError",
@@ -399,30 +401,6 @@ def _logdet(g: _Gauss):
     )
 
 
-def _quad(q: _Gauss, M):
-    """tr(Mᵀ Σ_q⁻¹ M) for M (…, d, k), by solves (Cholesky / Woodbury), never an inverse."""
-    if q.kind == "full":
-        return jnp.sum(jnp.square(_solve_tril(q.a, M)), (-2, -1))
-    if q.kind == "diag":
-        return jnp.sum(jnp.square(M / q.a[..., :, None]), (-2, -1))
-    Wd, LC = _lowrank_capacitance(q.a, q.b)
-    Z = _solve_tril(LC, jnp.swapaxes(Wd, -1, -2) @ M)
-    return jnp.sum(jnp.square(M) / q.b[..., :, None], (-2, -1)) - jnp.sum(jnp.square(Z), (-2, -1))
-
-
-def _trace_diag(q: _Gauss, v):
-    """tr(Σ_q⁻¹ diag(v)) for v (…, d) ≥ 0."""
-    if q.kind == "full":
-        eye = jnp.eye(v.shape[-1], dtype=v.dtype)
-        return _quad(q, jnp.sqrt(v)[..., None, :] * eye)
-    if q.kind == "diag":
-        return jnp.sum(v / jnp.square(q.a), -1)
-    # diag(Σ⁻¹) = 1/D − colsumsq(L_C⁻¹ WᵀD⁻¹)  (Woodbury), O(d r²).
-    Wd, LC = _lowrank_capacitance(q.a, q.b)
-    Z = _solve_tril(LC, jnp.swapaxes(Wd, -1, -2))
-    return jnp.sum(v / q.b, -1) - jnp.sum(jnp.square(Z) * v[..., None, :], (-2, -1))
-
-
 def _kl_gauss_triangular(p: _Gauss, q: _Gauss):
     """Full/diag × full/diag: KL as a sum of non-negative terms (see module docstring)."""
     d = p.loc.shape[-1]
@@ -456,14 +434,56 @@ def _kl_gauss(p, q):
     if gp.kind != "lowrank" and gq.kind != "lowrank":
         return _kl_gauss_triangular(gp, gq)
     d = gp.loc.shape[-1]
-    if gp.kind == "full":
-        trace = _quad(gq, gp.a)
-    elif gp.kind == "diag":
-        trace = _trace_diag(gq, jnp.square(gp.a))
-    else:
-        trace = _quad(gq, gp.a) + _trace_diag(gq, gp.b)
-    mahal = _quad(gq, (gp.loc - gq.loc)[..., None])
-    return 0.5 * (trace + mahal - d + _logdet(gq) - _logdet(gp))
+    # Σ_p = S Sᵀ + diag(v): S = L_p (full) or W_p (low-rank), v = D_p (low-rank) or σ_p² (diag).
+    S = None if gp.kind == "diag" else gp.a
+    v = {"diag": lambda: jnp.square(gp.a), "lowrank": lambda: gp.b}.get(gp.kind, lambda: None)()
+    delta = (gp.loc - gq.loc)[..., None]
+    # The LAPACK calls in one chain: p's factorization (a low-rank p's capacitance), then q's,
+    # then one triangular solve for every right-hand side. Side by side, two batched calls
+    # deadlock jaxlib 0.10 on CPU (``_compile.after``): 10⁴ low-rank pairs hung every time.
+    logdet_p = _logdet(gp)
+    if gq.kind == "diag":
+        var = jnp.square(gq.a)
+        quad = jnp.sum(jnp.square(delta[..., 0]) / var, -1)
+        if S is not None:
+            quad = quad + jnp.sum(jnp.square(S) / var[..., :, None], (-2, -1))
+        if v is not None:
+            quad = quad + jnp.sum(v / var, -1)
+        return 0.5 * (quad - d + _logdet(gq) - logdet_p)
+    rhs = [] if S is None else [S]
+    if gq.kind == "full":
+        # tr(Σ_q⁻¹Σ_p) + δᵀΣ_q⁻¹δ = ‖L_q⁻¹ [S | diag(√v) | δ]‖²
+        if v is not None:
+            rhs.append(jnp.sqrt(v)[..., None, :] * jnp.eye(d, dtype=v.dtype))
+        x = _solve_tril(_compile.after(gq.a, logdet_p), _columns(rhs + [delta]))
+        return 0.5 * (jnp.sum(jnp.square(x), (-2, -1)) - d + _logdet(gq) - logdet_p)
+    # Woodbury, Σ_q⁻¹ = D⁻¹ − Wd C⁻¹ Wdᵀ (Wd = D⁻¹W, C = L_C L_Cᵀ): for columns M,
+    # tr(Mᵀ Σ_q⁻¹ M) = Σ M²/D − ‖L_C⁻¹ Wdᵀ M‖², and tr(Σ_q⁻¹ diag v) = Σ v/D − Σ_j v_j ‖z_j‖²
+    # with z_j the columns of L_C⁻¹ Wdᵀ.
+    D = gq.b
+    Wd, LC = _lowrank_capacitance(_compile.after(gq.a, logdet_p), D)
+    WdT = jnp.swapaxes(Wd, -1, -2)
+    blocks = [WdT @ m for m in rhs] + ([WdT] if v is not None else []) + [WdT @ delta]
+    z = _solve_tril(LC, _columns(blocks))
+    quad = jnp.sum(jnp.square(delta[..., 0]) / D, -1)
+    k = 0
+    if S is not None:
+        k = S.shape[-1]
+        quad = quad + jnp.sum(jnp.square(S) / D[..., :, None], (-2, -1))
+    if v is not None:
+        quad = quad + jnp.sum(v / D, -1) - jnp.sum(jnp.square(z[..., k:k + d]) * v[..., None, :],
+                                                   (-2, -1))
+    quad = quad - jnp.sum(jnp.square(z[..., :k]), (-2, -1)) - jnp.sum(jnp.square(z[..., -1:]),
+                                                                      (-2, -1))
+    logdet_q = 2.0 * jnp.sum(jnp.log(jnp.diagonal(LC, axis1=-2, axis2=-1)), -1) + jnp.sum(
+        jnp.log(D), -1)
+    return 0.5 * (quad - d + logdet_q - logdet_p)
+
+
+def _columns(blocks):
+    """The blocks ``(…, n, k_i)`` side by side, ``(…, n, Σ k_i)``, their batch shapes broadcast."""
+    batch = lax.broadcast_shapes(*(b.shape[:-2] for b in blocks))
+    return jnp.concatenate([jnp.broadcast_to(b, (*batch, *b.shape[-2:])) for b in blocks], -1)
 
 
 @register_kl(Normal, Normal)
