@@ -822,7 +822,17 @@ def _check_fn(family, batched):
     def many(keys, params, targets):
         # The memory budget is the program's: shared by the problems side by side.
         budget = max(1, _CHECK_BUDGET // keys.shape[0])
-        return jax.vmap(functools.partial(check, budget=budget))(keys, params, targets)
+        stationarity = jax.vmap(lambda k, p, t: _stationarity(k, family, p, t, budget))(
+            keys, params, targets)
+        if not _has_mean_gap(family, targets.dim, budget):
+            return stationarity, None
+        after = params._replace(loc=_compile.after(params.loc, stationarity))
+        # One problem after another (lax.map): vmapped over the problems, the Hessian of a
+        # target that factors a matrix runs independent batched factorizations and solves (its
+        # primal's and its tangents'), which can deadlock (``_compile.after``; 2 of 4 fit_many
+        # runs of two 120-point GPs hung, found in review).
+        gap = jax.lax.map(lambda a: _mean_gap(a[0], family, a[1], a[2]), (keys, after, targets))
+        return stationarity, gap
 
     return many
 
@@ -1861,8 +1871,15 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
 
 def _take(tree, rows):
     """Rows ``rows`` (indices or a mask) of every leaf, the problems' axis; on the host (an
-    eager gather compiles a program per leaf shape)."""
-    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x)[rows]), tree)
+    eager gather compiles a program per leaf shape), but for typed PRNG keys (no host form)."""
+    rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+
+    def take(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+            return x[jnp.asarray(rows)]
+        return jax.device_put(np.asarray(x)[rows])
+
+    return jax.tree_util.tree_map(take, tree)
 
 
 def _put_rows(tree, rows, new):
@@ -1876,15 +1893,23 @@ def _put_rows(tree, rows, new):
     return jax.tree_util.tree_map(put, tree, new)
 
 
-def _put_losses(losses, rows, new):
-    """``(B, T)`` losses with rows ``rows`` replaced by ``new`` ``(len(rows), T')``, NaN-padded
-    to the longer of the two."""
+def _put_losses(losses, rows, new, width):
+    """``(B, width)`` losses: ``losses`` with rows ``rows`` replaced by ``new``
+    ``(len(rows), T')``, NaN-padded (``width``: the longest ``num_steps`` after the splice)."""
     losses, new = np.asarray(losses), np.asarray(new)
     out = np.full((losses.shape[0], max(losses.shape[1], new.shape[1])), np.nan, losses.dtype)
     out[:, :losses.shape[1]] = losses
     out[rows] = np.nan
     out[rows, :new.shape[1]] = new
-    return jax.device_put(out)
+    return jax.device_put(out[:, :width])
+
+
+def _short_many(res):
+    """The problems of a ``fit_many`` result that converged short of their optimum."""
+    if res.stationarity is None:
+        return np.zeros(0, int)
+    return np.flatnonzero(np.asarray(res.converged) & (
+        (np.asarray(res.stationarity) > STATIONARITY_LIMIT) | _gap_flags(res.mean_gap)))
 
 
 def _whitened_many(family, key, targets, lap, init_params, options, quiet):
@@ -2043,10 +2068,12 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
                 "as a hierarchical funnel, a saddle, or a search that did not converge: "
                 "vi.laplace on one of them says which). Fit with precondition='auto' or None."
             )
-        res = _whitened_many(family, key, targets, lap, init_params, options, quiet)
-        return dataclasses.replace(res, message=(
-            f"{res.message} (fitted in coordinates whitened by each problem's Laplace "
-            "approximation)"))
+        res = _whitened_many(family, key, targets, lap, init_params, options, True)
+        message = ("fitted in coordinates whitened by each problem's Laplace approximation: "
+                   f"{res.message}")
+        if not quiet and (np.any(res.status == "nonfinite") or _short_many(res).size):
+            warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=3)
+        return dataclasses.replace(res, message=message)
     fixed = tol is None and not progress
     run = _optimize(cfg, B, targets.dim, dtype, key, init_params, targets, tol_arr, cap_arr,
                     per_sync, progress, f"fit_many {family.name} x{B}", num_elbo_samples, fixed)
@@ -2124,7 +2151,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
                                                    _take(tuple(new.mean_gap), sel)))
                 steps = _put_rows(steps, acc, _take(new.num_steps, sel))
                 status = _put_rows(status, acc, np.full(acc.size, CONVERGED))
-                losses = _put_losses(losses, acc, _take(new.losses, sel))
+                losses = _put_losses(losses, acc, _take(new.losses, sel), int(np.max(steps)))
                 parts = _executable(_compiled_final(family), ("final", family), params,
                                     effort=_compile.ONCE).result()(params)
                 message += (
