@@ -1429,7 +1429,8 @@ def fit(
         low-rank mean short on a ridge (``mean_gap``) first takes Newton steps on q's mean,
         q's spread held (a second or two; they land on the optimum of a Gaussian target);
         that is kept if it passes both checks and the stationarity check had passed before.
-        Otherwise refit preconditioned (the message says so; ``num_steps`` and ``losses``
+        Otherwise refit preconditioned, from the Laplace approximation whatever
+        ``init_params`` (the message says so; ``num_steps`` and ``losses``
         are then the refit's), its mean polished the same way if it needs it; where that is
         not possible (no proper mode, a flow), or when the refit does no better, keep the
         first fit, with a warning if it is still short. With ``"laplace"``, the refit's mean
@@ -1475,8 +1476,11 @@ def fit(
     if not lp.supports(res.family) or not isinstance(target, Target):
         return _warn_short(res, _HINT_OTHER, stacklevel=2) if _stopped_short(res) else res
     try:
-        # A key of its own (never reuse one); quiet: whether it is kept is decided here.
-        better = _fit_preconditioned(target, res.family, "laplace", init_params,
+        # A key of its own (never reuse one); quiet: whether it is kept is decided here. It
+        # starts at the Laplace approximation, not at init_params: the first fit started
+        # there already (from a 50-step fit's parameters, refits in whitened coordinates did
+        # no better, found in review).
+        better = _fit_preconditioned(target, res.family, "laplace", None,
                                      dict(kwargs, key=jax.random.fold_in(key, 1)),
                                      warn_short=False, quiet=True)
         better = _polish(better, jax.random.fold_in(key, 3), num_elbo_samples)
@@ -1936,7 +1940,7 @@ def _whitened_many(family, key, targets, lap, init_params, options, quiet):
                                target=targets)
 
 
-def _refit_many(family, key, targets, still, init_params, options, estimate):
+def _refit_many(family, key, targets, still, options, estimate):
     """The problems of the ``(B,)`` mask ``still`` refitted by ``_whitened_many``, quietly.
     Returns ``(rows, kept, result, no_mode)``: ``rows`` the problems refitted (those with a
     proper mode), ``kept`` a mask over ``rows`` of the refits that converged with an ELBO not
@@ -1950,8 +1954,8 @@ def _refit_many(family, key, targets, still, init_params, options, estimate):
     rows = idx[ok]
     if not rows.size:
         return rows, np.zeros(0, bool), None, idx
-    init = None if init_params is None else _take(init_params, rows)
-    res = _whitened_many(family, key, _take(sub, ok), _take(lap, ok), init, options, True)
+    # From the Laplace approximations, not init_params (the first fit started there: see fit).
+    res = _whitened_many(family, key, _take(sub, ok), _take(lap, ok), None, options, True)
     kept = np.asarray(res.converged) & _not_lower(_take(tuple(estimate), rows), res.elbo)
     return rows, kept, res, idx[~ok]
 
@@ -2137,8 +2141,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         if still.any() and lp.supports(family):
             estimate = estimate() if isinstance(estimate, _PendingEstimate) else estimate
             rows, kept, new, no_mode = _refit_many(
-                family, jax.random.fold_in(key, 1), targets, still, init_params, options,
-                estimate)
+                family, jax.random.fold_in(key, 1), targets, still, options, estimate)
             acc = rows[kept]
             if acc.size:
                 sel = np.flatnonzero(kept)
