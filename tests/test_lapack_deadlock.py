@@ -78,15 +78,18 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity")
 @pytest.mark.parametrize("family,program,runs", [
-    ("meanfield", "check", 10),
-    ("lowrank", "check", 10),
-    ("meanfield", "check_many", 10),
-    ("meanfield", "kl", 5),
+    ("meanfield", "check", 4),
+    ("lowrank", "check", 4),
+    ("meanfield", "check_many", 4),
+    ("meanfield", "kl", 3),
 ])
 def test_batched_evaluations_of_a_factorizing_target_finish(family, program, runs):
+    # Without the test run's XLA_FLAGS (LLVM -O0: these programs run repeatedly, 3x slower
+    # there); the deadlock does not depend on the optimization level.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     try:
         proc = subprocess.run([sys.executable, "-c", SCRIPT, family, program, str(runs)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+                              cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{family} {program}: still running after {TIMEOUT} s (the LAPACK deadlock)")
     assert proc.returncode == 0, proc.stderr[-3000:]
