@@ -208,3 +208,33 @@ def test_an_unconverged_laplace_is_used_with_a_warning_and_arguments_are_checked
     res = vi.fit(skewed.target, "fullrank", key=jax.random.key(0), progress=False,
                  precondition=False, tol=None, num_steps=10, num_elbo_samples=0)
     assert res.num_steps == 10
+
+
+def _tilted(z, slope):  # a Gaussian where slope == 0; no mode (log p̃ unbounded) otherwise
+    return slope * z[0] - 0.5 * jnp.sum(z[1:] ** 2) - 0.5 * (slope == 0) * z[0] ** 2
+
+
+def test_laplace_many_is_each_exact_posterior_and_flags_the_problems_without_a_mode():
+    # Linear regressions: the Laplace approximation is the exact Gaussian posterior.
+    X = jax.random.normal(jax.random.key(0), (3, 40, 4))
+    y = X @ jnp.array([1.0, -1.0, 0.5, 2.0]) + jax.random.normal(jax.random.key(1), (3, 40))
+
+    def log_density(z, Xi, yi):  # exact.linear_regression's target, without its posterior
+        return -0.5 * jnp.sum((yi - Xi @ z) ** 2) - 0.5 * jnp.sum(z**2)
+
+    targets = jax.vmap(lambda Xi, yi: vi.Target.from_log_density(log_density, 4,
+                                                                 data=(Xi, yi)))(X, y)
+    lap, ok = lp.laplace_many(targets)
+    assert ok.tolist() == [True, True, True] and lap.converged.tolist() == [True] * 3
+    for i in range(3):
+        post = exact.linear_regression(X[i], y[i]).posterior
+        np.testing.assert_allclose(lap.mode[i], post.loc, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(lap.scale_tril[i] @ lap.scale_tril[i].T,
+                                   post.covariance_matrix, rtol=1e-3, atol=1e-5)
+    tilted = jax.vmap(lambda s: vi.Target.from_log_density(_tilted, 2, data=(s,)))(
+        jnp.array([0.0, 1.0]))
+    assert lp.laplace_many(tilted)[1].tolist() == [True, False]
+    with pytest.raises(ValueError, match="max_iters: expected a positive integer, got 0"):
+        lp.laplace_many(tilted, max_iters=0)
+    with pytest.raises(TypeError, match="targets: expected a batched vi.Target"):
+        lp.laplace_many(X)

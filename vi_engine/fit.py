@@ -1509,10 +1509,14 @@ def fit(
 def _stopped_short(res):
     """A converged fit whose ELBO gradient is not zero (``FitResult.stationarity``), or whose
     mean is measurably short of its optimum (``FitResult.mean_gap``)."""
-    if res.status != "converged":
-        return False
-    return bool((res.stationarity is not None and res.stationarity > STATIONARITY_LIMIT)
-                or _gap_flags(res.mean_gap))
+    return bool(_short_mask(res.status == "converged", res.stationarity, res.mean_gap))
+
+
+def _short_mask(converged, stationarity, gap):
+    """``_stopped_short`` per problem: ``converged`` and the checks (``None`` without them) of
+    one fit or of ``fit_many``'s ``(B,)`` problems."""
+    by_z = False if stationarity is None else np.asarray(stationarity) > STATIONARITY_LIMIT
+    return np.asarray(converged) & (by_z | _gap_flags(gap))
 
 
 def _shortfall(res):
@@ -1650,9 +1654,7 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_
             "precondition: expected None, 'laplace' or a vi.Laplace, got "
             f"{type(precondition).__name__}"
         )
-    # In this fit's dtype (a Laplace computed under x64 may whiten a float32 fit).
-    lap = lap._replace(**{f: jnp.asarray(np.asarray(getattr(lap, f)), dtype)
-                          for f in ("mode", "scale_tril", "precision")})
+    lap = _in_dtype(lap, dtype)
     mode, lo = lap.mode, lp.whitening(family, lap)
     start = lp.start_family(family)
     if init_params is not None:
@@ -1667,6 +1669,13 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_
     if warn_short and not quiet and _stopped_short(res):
         res = _warn_short(res, _HINT_OTHER, stacklevel=3)
     return res
+
+
+def _in_dtype(lap, dtype):
+    """A ``vi.Laplace``'s arrays in a fit's dtype (one computed under x64 may whiten a float32
+    fit)."""
+    return lap._replace(**{f: jnp.asarray(np.asarray(getattr(lap, f)), dtype)
+                           for f in ("mode", "scale_tril", "precision")})
 
 
 class _Run(NamedTuple):
@@ -1908,23 +1917,13 @@ def _put_losses(losses, rows, new, width):
     return jax.device_put(out[:, :width])
 
 
-def _short_many(res):
-    """The problems of a ``fit_many`` result that converged short of their optimum."""
-    if res.stationarity is None:
-        return np.zeros(0, int)
-    return np.flatnonzero(np.asarray(res.converged) & (
-        (np.asarray(res.stationarity) > STATIONARITY_LIMIT) | _gap_flags(res.mean_gap)))
-
-
 def _whitened_many(family, key, targets, lap, init_params, options, quiet):
     """``fit_many`` of ``targets`` in the coordinates ``z = mode + lo w`` of their Laplace
     approximations ``lap`` (``laplace_many``'s, each a proper mode), mapped back: a
     ``FitResult`` over ``targets`` (as ``_fit_preconditioned`` does for one)."""
     from vi_engine import preconditioning as lp
 
-    dtype = _dtype()
-    lap = lap._replace(**{f: jnp.asarray(np.asarray(getattr(lap, f)), dtype)
-                          for f in ("mode", "scale_tril", "precision")})
+    lap = _in_dtype(lap, _dtype())
     mode = lap.mode
     lo = jax.vmap(functools.partial(lp.whitening, family))(lap)
     start = lp.start_family(family)
@@ -2075,7 +2074,8 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         res = _whitened_many(family, key, targets, lap, init_params, options, True)
         message = ("fitted in coordinates whitened by each problem's Laplace approximation: "
                    f"{res.message}")
-        if not quiet and (np.any(res.status == "nonfinite") or _short_many(res).size):
+        if not quiet and np.any((res.status == "nonfinite")
+                                | _short_mask(res.converged, res.stationarity, res.mean_gap)):
             warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=3)
         return dataclasses.replace(res, message=message)
     fixed = tol is None and not progress
@@ -2116,7 +2116,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, targets)
     if mean_gap is not None:
         # As in fit: a converged problem short in its mean alone (its stationarity check
-        # passed) is polished by Newton steps on its mean (_polish); fit_many has no refit.
+        # passed) is polished by Newton steps on its mean (_polish); others are refitted below.
         flagged = ((status == CONVERGED) & _gap_flags(mean_gap)
                    & (stationarity <= STATIONARITY_LIMIT))
         if flagged.any():
@@ -2136,8 +2136,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         # As in fit: the problems still short are refitted from their Laplace approximations.
         from vi_engine import preconditioning as lp
 
-        still = (status == CONVERGED) & ((stationarity > STATIONARITY_LIMIT)
-                                         | _gap_flags(mean_gap))
+        still = _short_mask(status == CONVERGED, stationarity, mean_gap)
         if still.any() and lp.supports(family):
             estimate = estimate() if isinstance(estimate, _PendingEstimate) else estimate
             rows, kept, new, no_mode = _refit_many(
@@ -2152,8 +2151,8 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
                 if mean_gap is not None:
                     mean_gap = Estimate(*_put_rows(tuple(mean_gap), acc,
                                                    _take(tuple(new.mean_gap), sel)))
+                # (status stays: these problems were converged, and so are their refits)
                 steps = _put_rows(steps, acc, _take(new.num_steps, sel))
-                status = _put_rows(status, acc, np.full(acc.size, CONVERGED))
                 losses = _put_losses(losses, acc, _take(new.losses, sel), int(np.max(steps)))
                 parts = _executable(_compiled_final(family), ("final", family), params,
                                     effort=_compile.ONCE).result()(params)
@@ -2168,7 +2167,6 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
             if (~kept).any():
                 message += (f"; the refits of problems {_some(rows[~kept])} did no better "
                             "(not converged, or a lower ELBO) and were not kept")
-        names = np.array([_STATUS_NAMES[int(s)] for s in status])
     short = np.zeros((0,), int)
     if stationarity is not None:
         by_z = (status == CONVERGED) & (stationarity > STATIONARITY_LIMIT)

@@ -223,12 +223,7 @@ def laplace(target: Target, *, init=None, max_iters: int = 1000, tol: float | No
     """
     if not isinstance(target, Target):
         raise TypeError(f"target: expected a vi.Target, got {type(target).__name__}")
-    if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 1):
-        raise ValueError(f"max_iters: expected a positive integer, got {max_iters!r}")
-    dtype = jnp.result_type(float)
-    eps = float(jnp.finfo(dtype).eps)
-    tol = (1e-10 if dtype == jnp.float64 else 1e-5) if tol is None else float(tol)
-    ftol = 10 * eps if ftol is None else float(ftol)
+    dtype, tol, settings = _search_settings(max_iters, tol, ftol)
     if init is None:
         z0 = jnp.zeros((target.dim,), dtype)
     else:
@@ -237,8 +232,7 @@ def laplace(target: Target, *, init=None, max_iters: int = 1000, tol: float | No
             raise ValueError(f"init: expected shape ({target.dim},), got {z0.shape}")
     _fit = importlib.import_module("vi_engine.fit")  # the module (``vi.fit`` is the function)
 
-    args = (target, z0, jnp.asarray(max_iters, jnp.int32), jnp.asarray(tol, dtype),
-            jnp.asarray(ftol, dtype))
+    args = (target, z0, *settings)
     # It runs once per target (milliseconds), and compiling it is the cost: the least effort.
     executable = _fit._executable(_jitted, ("laplace",), *args, effort=_compile.ONCE).result()
     (mode, scale_tril, precision, value, grad_norm, count, newton, decrement,
@@ -261,6 +255,19 @@ def laplace(target: Target, *, init=None, max_iters: int = 1000, tol: float | No
         )
     return Laplace(mode, scale_tril, precision, value, grad_norm, decrement, int(count),
                    int(newton), bool(decrement <= tol))
+
+
+def _search_settings(max_iters, tol, ftol):
+    """``(dtype, tol, (max_iters, tol, ftol) as arrays)`` for the mode search, with the defaults
+    of ``laplace`` (see there); a clear error for a bad ``max_iters``."""
+    if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 1):
+        raise ValueError(f"max_iters: expected a positive integer, got {max_iters!r}")
+    dtype = jnp.result_type(float)
+    eps = float(jnp.finfo(dtype).eps)
+    tol = (1e-10 if dtype == jnp.float64 else 1e-5) if tol is None else float(tol)
+    ftol = 10 * eps if ftol is None else float(ftol)
+    return dtype, tol, (jnp.asarray(max_iters, jnp.int32), jnp.asarray(tol, dtype),
+                        jnp.asarray(ftol, dtype))
 
 
 # --- preconditioned fits ----------------------------------------------------------------------
@@ -369,7 +376,8 @@ def laplace_many(targets: Target, *, max_iters: int = 1000, tol: float | None = 
     ``ok`` is a ``(B,)`` NumPy mask of the problems with a proper mode that the search reached
     (where ``vi.laplace`` returns instead of raising, and ``converged``); the others' fields
     are whatever the search ended at. ``num_iters`` and ``num_newton`` are ``(B,)`` arrays,
-    ``converged`` is ``ok``. Defaults as in ``vi.laplace``, from zeros.
+    ``converged`` is ``ok``. Defaults as in ``vi.laplace``, from zeros; the same errors for bad
+    settings.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
     >>> mk = lambda m: vi.Target.from_log_density(lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 2,
@@ -380,13 +388,9 @@ def laplace_many(targets: Target, *, max_iters: int = 1000, tol: float | None = 
     """
     if not isinstance(targets, Target):
         raise TypeError(f"targets: expected a batched vi.Target, got {type(targets).__name__}")
-    dtype = jnp.result_type(float)
-    eps = float(jnp.finfo(dtype).eps)
-    tol = (1e-10 if dtype == jnp.float64 else 1e-5) if tol is None else float(tol)
-    ftol = 10 * eps if ftol is None else float(ftol)
+    dtype, tol, settings = _search_settings(max_iters, tol, ftol)
     _fit = importlib.import_module("vi_engine.fit")
-    args = (targets, jnp.zeros((targets.dim,), dtype), jnp.asarray(max_iters, jnp.int32),
-            jnp.asarray(tol, dtype), jnp.asarray(ftol, dtype))
+    args = (targets, jnp.zeros((targets.dim,), dtype), *settings)
     executable = _fit._executable(_jitted_many, ("laplace_many",), *args,
                                   effort=_compile.ONCE).result()
     out = jax.device_get(executable(*args))
