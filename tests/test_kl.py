@@ -556,6 +556,36 @@ def test_check_grads_on_pairs():
         )
 
 
+@pytest.mark.parametrize("kinds", [("lowrank", "lowrank"), ("lowrank", "full"),
+                                   ("full", "lowrank"), ("full", "full")])
+def test_gaussian_kl_derivatives_both_modes_to_second_order(kinds):
+    # The triangular solve has its own JVP rule (one solve in the gradient instead of JAX's
+    # two) and the low-rank path orders its backward pass (``_compile.after``): both must
+    # leave every derivative as it was, forward and reverse, first and second order, in p's
+    # and in q's parameters.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(11)
+        d, r = 4, 2
+
+        def params(kind):
+            loc = jnp.asarray(rng.normal(size=(2, d)))
+            if kind == "lowrank":
+                return (loc, jnp.asarray(0.5 * rng.normal(size=(2, d, r))),
+                        jnp.asarray(np.exp(0.2 * rng.normal(size=(2, d)))))
+            return (loc, jnp.asarray(np.linalg.cholesky(_spd(rng, d)))[None].repeat(2, 0))
+
+        def build(kind, a):
+            if kind == "lowrank":
+                return dist.LowRankMultivariateNormal(*a)
+            return dist.MultivariateNormal(a[0], scale_tril=jnp.tril(a[1]))
+
+        def total(a, c):
+            return jnp.sum(kl_divergence(build(kinds[0], a), build(kinds[1], c)))
+
+        check_grads(jax.jit(total), (params(kinds[0]), params(kinds[1])), order=2,
+                    modes=["fwd", "rev"])
+
+
 def test_grad_is_finite_with_zero_probabilities():
     q = dist.CategoricalProbs(jnp.array([0.2, 0.3, 0.5]))
     g = jax.grad(lambda pr: kl_divergence(dist.CategoricalProbs(pr), q))(jnp.array([0.0, 0.5, 0.5]))

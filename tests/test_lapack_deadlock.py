@@ -8,15 +8,28 @@ regression fails instead of hanging the suite:
 - the end-of-fit check of a target that factors a matrix (a Gaussian process's marginal
   likelihood over 120 points), for one problem (7 of 8 mean-field fits hung) and for a batch
   (``fit_many``: 2 of 4 hung, the mean gap's Hessian vmapped over problems);
-- the KL of 10^4 pairs of low-rank Gaussians (3 of 3 hung).
+- the KL of 10^4 pairs of low-rank Gaussians (3 of 3 hung);
+- its gradient (2 of 2 hung, against a low-rank q and against a full-rank q alike): the
+  transposes of p's and q's factorizations, and JAX's two solves for one triangular solve's
+  gradient, side by side.
+
+The last test reads the compiled programs instead: in the KL and its gradient, every pair of
+LAPACK calls is ordered by a data path (15 pairs of 9 calls were not, low-rank against low-rank).
 """
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
 import pytest
+
+import vi_engine as vi
 
 TIMEOUT = 240  # seconds; each process takes 5-10 s
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +66,7 @@ SCRIPT = textwrap.dedent("""
         args = (targets,)
         program = jax.jit(lambda k, p, t: F._compiled_check(family, True)(
             jax.random.split(k, 2), p, t))
-    else:  # kl
+    elif sys.argv[2] == "kl":
         import numpyro.distributions as dist
 
         def lowrank(k):
@@ -70,6 +83,23 @@ SCRIPT = textwrap.dedent("""
         kl = jax.jit(vi.kl_divergence)
         program = lambda k, *_: kl(p, q)
         args = ()
+    else:  # kl_grad: the distributions built inside the program (numpyro's eager calls traced)
+        import numpyro.distributions as dist
+
+        def lowrank(k):
+            k1, k2, k3 = jax.random.split(k, 3)
+            return (jax.random.normal(k1, (10_000, 64)),
+                    0.3 * jax.random.normal(k2, (10_000, 64, 16)),
+                    jnp.exp(0.1 * jax.random.normal(k3, (10_000, 64))))
+
+        def total(a, b):
+            p, q = dist.LowRankMultivariateNormal(*a), dist.LowRankMultivariateNormal(*b)
+            return jnp.sum(vi.kl_divergence(p, q))
+
+        grad = jax.jit(jax.grad(total, argnums=(0, 1)))
+        a, b = lowrank(jax.random.key(2)), lowrank(jax.random.key(3))
+        program = lambda k, *_: grad(a, b)
+        args = ()
     for i in range(int(sys.argv[3])):
         out = jax.block_until_ready(program(jax.random.key(i), params, *args))
     print("finished", jax.tree_util.tree_leaves(out)[0])
@@ -82,6 +112,7 @@ SCRIPT = textwrap.dedent("""
     ("lowrank", "check", 4),
     ("meanfield", "check_many", 4),
     ("meanfield", "kl", 3),
+    ("meanfield", "kl_grad", 3),
 ])
 def test_batched_evaluations_of_a_factorizing_target_finish(family, program, runs):
     # Without the test run's XLA_FLAGS (LLVM -O0: these programs run repeatedly, 3x slower
@@ -94,3 +125,66 @@ def test_batched_evaluations_of_a_factorizing_target_finish(family, program, run
         pytest.fail(f"{family} {program}: still running after {TIMEOUT} s (the LAPACK deadlock)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished" in proc.stdout
+
+
+def _unordered_lapack_pairs(hlo):
+    """Pairs of LAPACK calls in an optimized HLO module's computations with no data path
+    between them (either way), and how many calls there are."""
+    computations, current = [], None
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            current = {}
+            computations.append(current)
+            continue
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", line)
+        if m and current is not None:
+            current[m.group(1)] = (m.group(2), re.findall(r"%([\w.\-]+)", m.group(2)))
+    calls, unordered = 0, []
+    for ins in computations:
+        lapack = [n for n, (text, _) in ins.items() if "custom-call" in text and "lapack" in text]
+        calls += len(lapack)
+        upstream = {}
+
+        def above(name):
+            if name not in upstream:
+                upstream[name] = set()  # (no cycles in HLO)
+                for op in ins[name][1]:
+                    if op in ins:
+                        upstream[name] |= {op} | above(op)
+            return upstream[name]
+
+        unordered += [(a, b) for a, b in itertools.combinations(lapack, 2)
+                      if a not in above(b) and b not in above(a)]
+    return calls, unordered
+
+
+@pytest.mark.parametrize("kinds", [("lowrank", "lowrank"), ("lowrank", "full"),
+                                   ("full", "lowrank"), ("lowrank", "diag"),
+                                   ("full", "full")])
+def test_every_lapack_call_of_the_kl_and_its_gradient_is_ordered(kinds):
+    d, r, b = 6, 2, 8
+    keys = iter(jax.random.split(jax.random.key(0), 6))
+
+    def params(kind):
+        loc = jax.random.normal(next(keys), (b, d))
+        if kind == "lowrank":
+            return loc, 0.5 * jax.random.normal(next(keys), (b, d, r)), jnp.ones((b, d))
+        if kind == "full":
+            return loc, jnp.tril(0.3 * jax.random.normal(next(keys), (b, d, d)), -1) + jnp.eye(d)
+        return loc, jnp.exp(0.2 * jax.random.normal(next(keys), (b, d)))
+
+    def build(kind, a):
+        if kind == "lowrank":
+            return dist.LowRankMultivariateNormal(*a)
+        if kind == "full":
+            return dist.MultivariateNormal(a[0], scale_tril=a[1])
+        return dist.Normal(*a).to_event(1)
+
+    def total(a, c):
+        return jnp.sum(vi.kl_divergence(build(kinds[0], a), build(kinds[1], c)))
+
+    args = (params(kinds[0]), params(kinds[1]))
+    for what, f in (("KL", total), ("gradient", jax.grad(total, argnums=(0, 1)))):
+        calls, unordered = _unordered_lapack_pairs(jax.jit(f).lower(*args).compile().as_text())
+        assert calls >= 1, f"{what}: no LAPACK call found (did the HLO text format change?)"
+        assert not unordered, f"{kinds} {what}: LAPACK calls side by side: {unordered}"

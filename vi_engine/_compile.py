@@ -99,7 +99,7 @@ def gc_paused():
 
 def after(x, dep):
     """``x``, unchanged, but computed after ``dep`` (an array of any shape):
-    ``x + 0 · isnan(Σ dep)``.
+    ``x + 0 · isnan(Σ dep)``; and in a backward pass, ``dep``'s cotangent after ``x``'s.
 
     XLA's CPU runtime runs the independent parts of a program at once, on a pool of one thread
     per core. jaxlib 0.10's batched LAPACK kernels (Cholesky, triangular solve, ...) split a
@@ -117,9 +117,56 @@ def after(x, dep):
     simplifier cannot rule out. Values are unchanged (a ``-0.0`` becomes ``0.0``), and so are
     gradients.
 
-    >>> import jax.numpy as jnp
+    A chain in the forward pass is not one in the backward pass: there each factorization's
+    cotangent depends only on the cotangents reaching it, and the gradient of that KL ran the
+    transposes of p's and q's factorizations side by side (it hung 2 of 2 times). So the
+    tangent of ``after`` is ``ẋ + 0 · Σ deṗ``: transposed, ``dep``'s cotangent reads ``x``'s, and
+    whatever produced ``dep`` is differentiated after whatever consumed ``x``. (A non-finite
+    cotangent of ``x`` makes ``dep``'s NaN: the gradient is not finite either way.) See also
+    ``backward_after_forward``.
+
+    >>> import jax, jax.numpy as jnp
     >>> after(jnp.array([1.0, -2.0]), jnp.array([jnp.nan, 3.0])).tolist()
     [1.0, -2.0]
+    >>> jax.grad(lambda x, d: jnp.sum(after(x, d) * d), argnums=(0, 1))(2.0, 3.0)
+    (Array(3., dtype=float32, weak_type=True), Array(2., dtype=float32, weak_type=True))
     """
+    if not (jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+            and jnp.issubdtype(jnp.result_type(dep), jnp.inexact)):
+        return _after_value(x, dep)  # no tangents to order
+    return _after(x, dep)
+
+
+def backward_after_forward(y):
+    """``y``, unchanged, with a backward pass that starts only once ``y`` is computed.
+
+    The cotangent of a sum's gradient is a constant, so the transposes of a program's LAPACK
+    calls may start while the forward pass's still run (``after``). Applied to a function's
+    result, every cotangent of the function reads the result, which every forward call fed.
+
+    >>> import jax, jax.numpy as jnp
+    >>> jax.grad(lambda x: backward_after_forward(x**2))(3.0)
+    Array(6., dtype=float32, weak_type=True)
+    """
+    return after(y, y)
+
+
+def _after_value(x, dep):
     flag = jnp.isnan(jnp.sum(dep)).astype(jnp.result_type(x))
     return x + 0 * flag
+
+
+@jax.custom_jvp
+def _after(x, dep):
+    return _after_value(x, dep)
+
+
+@_after.defjvp
+def _after_jvp(primals, tangents):
+    x, dep = primals
+    x_dot, dep_dot = tangents
+    # Linear in the tangents, so JAX transposes it: x's cotangent times (1 + 0·flag(dep)) (x's
+    # backward after dep's forward value) and dep's cotangent 0·Σ(x's cotangent).
+    one = 1 + 0 * jnp.isnan(jnp.sum(dep)).astype(jnp.result_type(x))
+    tangent = x_dot * one + (0 * jnp.sum(dep_dot)).astype(jnp.result_type(x))
+    return _after_value(x, dep), tangent
