@@ -36,8 +36,11 @@ NAME = "posteriordb"
 def _numpyro_elbo(model, guide, params, args, draws, key):
     from numpyro.infer import Trace_ELBO
 
-    return -float(Trace_ELBO(num_particles=draws, vectorize_particles=True).loss(
-        key, params, model, guide, *args))
+    # Jitted: run eagerly, the loss dispatches (and compiles) its operations one by one, 4.4 s
+    # against 0.7 s for arK's 1,000 draws, with the same value to the last digit.
+    loss = jax.jit(lambda k, p: Trace_ELBO(num_particles=draws, vectorize_particles=True)
+                   .loss(k, p, model, guide, *args))
+    return -float(loss(key, params))
 
 
 def _numpyro_fit(model, args, steps, key):
