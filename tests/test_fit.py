@@ -1066,6 +1066,42 @@ def test_numpyro_target_round_trips_to_constrained_samples():
     assert abs(float(draws["rate"].mean()) - 4.0) < 0.15
 
 
+def test_fit_many_samples_constrain_each_problem_with_its_own_data():
+    # Problem i's support (m > min(y_i)), deterministic sites and per-observation latents all
+    # depend on its own data; sample() once replayed the model with the whole batch's.
+    def model(y):
+        m = numpyro.sample("m", dist.TruncatedNormal(0.0, 10.0, low=jnp.min(y)))
+        numpyro.deterministic("resid", y - m)
+        with numpyro.plate("obs", y.shape[0]):
+            z = numpyro.sample("z", dist.Normal(m, 1.0))
+            numpyro.sample("y", dist.Normal(z, 0.5), obs=y)
+
+    ys = jnp.array([[1.0, 2.0, 3.0, 1.5], [5.0, 6.0, 7.0, 5.5], [-2.0, 0.0, 1.0, -1.0]])
+    res = vi.fit_many(lambda y: vi.Target.from_numpyro(model, y), ys, family="meanfield",
+                      key=jax.random.key(0), num_steps=300, tol=None, progress=False,
+                      num_elbo_samples=0)
+    draws = res.sample(jax.random.key(1), 500)
+    assert draws["m"].shape == (500, 3) and draws["z"].shape == (500, 3, 4)
+    assert draws["resid"].shape == (500, 3, 4)
+    assert bool(jnp.all(draws["m"] > ys.min(axis=1)))  # each problem's own lower bound
+    np.testing.assert_allclose(draws["resid"], ys - draws["m"][..., None], rtol=1e-5, atol=1e-5)
+    # Problem 1 alone: its draws are the batch's column 1.
+    alone = vi.Target.from_numpyro(model, ys[1]).constrain(res.posterior.sample(
+        jax.random.key(1), (500,))[:, 1])
+    np.testing.assert_allclose(draws["m"][:, 1], alone["m"], rtol=1e-6)
+
+
+def test_sample_checks_its_arguments(gauss3):
+    res = vi.fit(gauss3.target, "meanfield", key=jax.random.key(0), num_steps=10, tol=None,
+                 progress=False, num_elbo_samples=0)
+    with pytest.raises(TypeError, match="key: expected a JAX PRNG key"):
+        res.sample(0, 10)
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match="num_samples: expected a positive integer"):
+            res.sample(jax.random.key(1), bad)
+    assert res.sample(jax.random.key(1), np.int64(3)).shape == (3, 3)
+
+
 def test_bad_arguments_are_clear_errors(gauss3):
     with pytest.raises(ValueError, match="num_steps"):
         vi.fit(gauss3.target, key=jax.random.key(0), tol=None)
@@ -1079,6 +1115,13 @@ def test_bad_arguments_are_clear_errors(gauss3):
         vi.fit(gauss3.target, key=jax.random.key(0), num_samples=0)
     with pytest.raises(ValueError, match="num_elbo_samples"):
         vi.fit(gauss3.target, key=jax.random.key(0), num_elbo_samples=-1)
+    for bad in (-1e-3, np.float32(-1e-3), float("nan"), True):
+        with pytest.raises(ValueError, match="tol: expected a non-negative number or None"):
+            vi.fit(gauss3.target, key=jax.random.key(0), tol=bad)
+    # NumPy scalars are numbers too, as for num_steps.
+    res = vi.fit(gauss3.target, "meanfield", key=jax.random.key(0), tol=np.float32(1e-2),
+                 max_steps=np.int64(20), progress=False, num_elbo_samples=0)
+    assert res.num_steps == 20
 
 
 @pytest.mark.parametrize("optimizer, hint", [

@@ -1215,12 +1215,34 @@ class FitResult:
         )
 
     def sample(self, key, num_samples):
-        """Draws from q: a dict of constrained values per site for NumPyro targets (with
-        deterministic sites), else ``(num_samples, *batch, dim)`` unconstrained draws."""
+        """Draws from q: for NumPyro targets a dict of constrained values per site, latent and
+        deterministic, ``(num_samples, *batch, *site_shape)``; else the unconstrained draws
+        ``(num_samples, *batch, dim)``. ``batch`` is ``(B,)`` for ``fit_many``, whose problem
+        ``i`` is constrained with its own data (a support or a deterministic site may depend on
+        it), else ``()``.
+
+        >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist, vi_engine as vi
+        >>> def model(y):
+        ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
+        ...     numpyro.sample("y", dist.Normal(0.0, s), obs=y)
+        >>> res = vi.fit(vi.Target.from_numpyro(model, jnp.array([0.5, -1.0])), "meanfield",
+        ...              key=jax.random.key(0), num_steps=200, tol=None, progress=False)
+        >>> res.sample(jax.random.key(1), 100)["s"].shape
+        (100,)
+        """
+        _check_key(key)
+        num_samples = _positive_int("num_samples", num_samples)
         z = self.posterior.sample(key, (num_samples,))
-        if getattr(self.target, "site_names", ()):
-            return self.target.constrain(z)
-        return z
+        if not getattr(self.target, "site_names", ()):
+            return z
+
+        def constrain(target, z):
+            return target.constrain(z)
+
+        # fit_many's target holds every problem's data along axis 0: one problem at a time.
+        for _ in self.posterior.batch_shape:
+            constrain = jax.vmap(constrain, in_axes=(0, 1), out_axes=1)
+        return constrain(self.target, z)
 
 
 def _fmt(x):
@@ -1241,7 +1263,10 @@ def _check_common(target, key, tol, num_elbo_samples):
             "vi.Target.from_numpyro(model, *args)"
         )
     _check_key(key)
-    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
+    if tol is not None and not (
+        isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
+        and tol >= 0 and math.isfinite(tol)
+    ):
         raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
     if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):
         raise ValueError(

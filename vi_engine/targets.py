@@ -294,7 +294,7 @@ class Target:
 
         def inspect(*arrays):
             args, kwargs = partial_spec.args_kwargs(arrays)
-            records[:] = _trace_at_zero(model, model_name, args, kwargs).items()
+            records[:] = _site_records(_trace_at_zero(model, model_name, args, kwargs), model_name)
 
         # Abstract evaluation: site shapes and supports without compiling or sampling anything;
         # a model with value-dependent Python control flow falls back to a concrete trace.
@@ -303,15 +303,12 @@ class Target:
         except jax.errors.ConcretizationTypeError:
             inspect(*arrays)
         latent, deterministic, observed = [], [], []
-        for site_name, site in records:
-            if site["type"] == "deterministic":
-                shape = tuple(jnp.shape(site["value"]))
+        for site_name, kind, shape, unc_shape in records:
+            if kind == "deterministic":
                 deterministic.append(_SiteSpec(site_name, shape, shape, 0, True))
-            elif site["type"] == "sample" and site["is_observed"]:
+            elif kind == "observed":
                 observed.append(site_name)
-            elif site["type"] == "sample":
-                shape = tuple(jnp.shape(site["value"]))
-                unc_shape = tuple(biject_to(site["fn"].support).inverse_shape(shape))
+            else:
                 latent.append(_SiteSpec(site_name, shape, unc_shape, math.prod(unc_shape), False))
         if not latent:
             raise ValueError(
@@ -430,6 +427,33 @@ class Target:
         for _ in range(batch_ndims):
             fn = jax.vmap(fn)
         return fn(values)
+
+
+def _site_records(tr, model_name):
+    """``(name, kind, shape, unconstrained shape)`` of each site of a model trace.
+
+    Taken inside the trace that made ``tr``: a support's bounds may be arrays of that trace
+    (``Uniform(a, b)`` with array or latent ``a``, ``b``), which must not escape it.
+    """
+    out = []
+    for name, site in tr.items():
+        if site["type"] == "plate" and site["args"][1] not in (None, site["args"][0]):
+            size, subsample_size = site["args"]
+            raise ValueError(
+                f"from_numpyro({model_name}): plate {name!r} subsamples {subsample_size} of "
+                f"{size} entries (subsample_size); vi_engine fits the full-data log density, so "
+                "drop subsample_size (data subsampling is not supported)."
+            )
+        if site["type"] == "deterministic":
+            shape = tuple(jnp.shape(site["value"]))
+            out.append((name, "deterministic", shape, shape))
+        elif site["type"] == "sample" and site["is_observed"]:
+            out.append((name, "observed", None, None))
+        elif site["type"] == "sample":
+            shape = tuple(jnp.shape(site["value"]))
+            unc_shape = tuple(biject_to(site["fn"].support).inverse_shape(shape))
+            out.append((name, "latent", shape, unc_shape))
+    return out
 
 
 def _trace_at_zero(model, model_name, args, kwargs):
