@@ -1091,6 +1091,32 @@ def test_fit_many_samples_constrain_each_problem_with_its_own_data():
     np.testing.assert_allclose(draws["m"][:, 1], alone["m"], rtol=1e-6)
 
 
+def test_a_fit_on_a_flat_direction_names_the_coordinates_whose_spread_ran_away():
+    # Improper along z[1:]: q's entropy grows without bound there, until the loss overflows.
+    flat = vi.Target.from_log_density(lambda z: -0.5 * z[0] ** 2, 3)
+    ran_away = r"sd ran away .* in 2 coordinate\(s\): z\[1\], z\[2\]:"
+    with pytest.warns(RuntimeWarning, match=ran_away):
+        res = vi.fit(flat, "fullrank", key=jax.random.key(0), progress=False)
+    assert res.status == "nonfinite"
+
+    # NumPyro's obs_mask: y_unobserved is flat where the mask is True (observed entries).
+    def model(y, mask):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=mask)
+
+    target = vi.Target.from_numpyro(model, jnp.array([0.5, 1.0, 99.0, 1.5]),
+                                    jnp.array([True, True, False, True]))
+    with pytest.warns(RuntimeWarning, match="obs_mask"):
+        res = vi.fit(target, "meanfield", key=jax.random.key(0), progress=False)
+    assert "y_unobserved[0], y_unobserved[1], y_unobserved[3]:" in res.message
+    assert "mu" not in res.message.split("ran away")[1]
+    # A proper target's fit says nothing of the kind, even stopped at its cap.
+    res = vi.fit(vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 3), "fullrank",
+                 key=jax.random.key(0), max_steps=50, progress=False, num_elbo_samples=0)
+    assert res.status == "max_steps" and "ran away" not in res.message
+
+
 def test_sample_checks_its_arguments(gauss3):
     res = vi.fit(gauss3.target, "meanfield", key=jax.random.key(0), num_steps=10, tol=None,
                  progress=False, num_elbo_samples=0)

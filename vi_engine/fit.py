@@ -1398,6 +1398,53 @@ def _message(status, step, bad_step, cap):
     return "running"
 
 
+# q's marginal sd in an unconstrained coordinate above this is taken for a scale running away
+# along a direction where log p̃ is flat (an improper target), not for a posterior's spread.
+RUNAWAY_SD = 1e6
+
+
+def _runaway_message(posterior, target):
+    """A hint naming the coordinates where q's spread ran away (sd > ``RUNAWAY_SD``, or not
+    finite), or ``""``. A fit that ends non-finite or at its step cap this way has met a
+    direction in which the target is flat: its ELBO grows without bound with q's entropy.
+    (Measured: NumPyro's ``obs_mask`` on a continuous site leaves the observed entries of
+    ``<site>_unobserved`` flat; the fit then stopped non-finite with those sds at inf.)"""
+    try:
+        sd = np.sqrt(np.asarray(posterior.variance))
+    except (NotImplementedError, AttributeError):  # flows: no closed-form variance
+        return ""
+    runaway = np.flatnonzero(~(sd <= RUNAWAY_SD))
+    if runaway.size == 0:
+        return ""
+    names = _coordinate_names(target, runaway)
+    return (
+        f". q's sd ran away (above {RUNAWAY_SD:g}, or inf) in {len(names)} coordinate(s): "
+        f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}: the target's log "
+        "density is probably flat (improper) along them: an improper prior on a parameter the "
+        "data do not pin down, or NumPyro's obs_mask on a continuous site (the entries of "
+        "'<site>_unobserved' where the mask is True have no density)"
+    )
+
+
+def _coordinate_names(target, indices):
+    """Names of entries of the unconstrained vector: ``site[i, j]`` for NumPyro targets (in the
+    site's unconstrained shape), else ``z[k]``."""
+    sites = [s for s in getattr(target, "sites", ()) if not s.is_deterministic]
+    if not sites:
+        return [f"z[{int(k)}]" for k in indices]
+    names, offset, bounds = [], 0, []
+    for s in sites:
+        bounds.append((offset, offset + s.size, s))
+        offset += s.size
+    for k in indices:
+        for lo, hi, s in bounds:
+            if lo <= k < hi:
+                idx = np.unravel_index(int(k) - lo, s.unconstrained_shape)
+                names.append(s.name + (f"[{', '.join(str(int(i)) for i in idx)}]" if idx
+                                       else ""))
+    return names
+
+
 def _dtype():
     return jnp.result_type(float)
 
@@ -1590,11 +1637,16 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         final = _final_executables(family, num_elbo_samples, False, k_final, params, target,
                                    check=_checks(cfg))
     message = _message(status, step, bad_step, cap)
+    estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, target)
+    posterior = _posterior(parts)
+    # A fit that failed to converge may have met a flat direction (not a fixed-step fit, whose
+    # status is always max_steps: its time is measured as a whole in benchmarks/).
+    if status == NONFINITE or (status == MAX_STEPS and tol is not None):
+        message += _runaway_message(posterior, target)
     if status == NONFINITE and not quiet:
         warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel)
-    estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, target)
     res = FitResult(
-        posterior=_posterior(parts),
+        posterior=posterior,
         params=params,
         losses=_join(chunks, step),
         _elbo=estimate,
