@@ -1111,6 +1111,14 @@ def test_a_fit_on_a_flat_direction_names_the_coordinates_whose_spread_ran_away()
         res = vi.fit(target, "meanfield", key=jax.random.key(0), progress=False)
     assert "y_unobserved[0], y_unobserved[1], y_unobserved[3]:" in res.message
     assert "mu" not in res.message.split("ran away")[1]
+    # fit_many: the problems, and the coordinates of the first (problem 0 is proper).
+    make = lambda shift: vi.Target.from_log_density(  # noqa: E731
+        lambda z, c: -0.5 * z[0] ** 2 - 0.5 * c * z[1] ** 2, 2, data=(shift,))
+    with pytest.warns(RuntimeWarning, match=r"ran away .* in problems \[1\]; in problem 1, in "
+                                            r"1 coordinate\(s\): z\[1\]:"):
+        res = vi.fit_many(make, jnp.array([1.0, 0.0]), family="meanfield",
+                          key=jax.random.key(0), progress=False)
+    assert list(res.status) == ["converged", "nonfinite"]
     # A proper target's fit says nothing of the kind, even stopped at its cap.
     res = vi.fit(vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 3), "fullrank",
                  key=jax.random.key(0), max_steps=50, progress=False, num_elbo_samples=0)

@@ -1403,23 +1403,31 @@ def _message(status, step, bad_step, cap):
 RUNAWAY_SD = 1e6
 
 
-def _runaway_message(posterior, target):
+def _runaway_message(posterior, target, problems=None):
     """A hint naming the coordinates where q's spread ran away (sd > ``RUNAWAY_SD``, or not
     finite), or ``""``. A fit that ends non-finite or at its step cap this way has met a
     direction in which the target is flat: its ELBO grows without bound with q's entropy.
     (Measured: NumPyro's ``obs_mask`` on a continuous site leaves the observed entries of
-    ``<site>_unobserved`` flat; the fit then stopped non-finite with those sds at inf.)"""
+    ``<site>_unobserved`` flat; the fit then stopped non-finite with those sds at inf.)
+    ``problems``: for ``fit_many``, the indices of the problems to look at."""
     try:
         sd = np.sqrt(np.asarray(posterior.variance))
     except (NotImplementedError, AttributeError):  # flows: no closed-form variance
         return ""
-    runaway = np.flatnonzero(~(sd <= RUNAWAY_SD))
+    if problems is None:
+        runaway, where = np.flatnonzero(~(sd <= RUNAWAY_SD)), ""
+    else:
+        hit = [int(i) for i in problems if not np.all(sd[i] <= RUNAWAY_SD)]
+        # Problems share their sites: the coordinates of the first such problem stand for all.
+        runaway = np.flatnonzero(~(sd[hit[0]] <= RUNAWAY_SD)) if hit else np.zeros(0, int)
+        where = f" in problems {_some(hit)}; in problem {hit[0]}," if hit else ""
     if runaway.size == 0:
         return ""
     names = _coordinate_names(target, runaway)
     return (
-        f". q's sd ran away (above {RUNAWAY_SD:g}, or inf) in {len(names)} coordinate(s): "
-        f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}: the target's log "
+        f". q's sd ran away (above {RUNAWAY_SD:g}, or inf){where} in {len(names)} "
+        f"coordinate(s): {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}: "
+        "the target's log "
         "density is probably flat (improper) along them: an improper prior on a parameter the "
         "data do not pin down, or NumPyro's obs_mask on a continuous site (the entries of "
         "'<site>_unobserved' where the mask is True have no density)"
@@ -1429,7 +1437,8 @@ def _runaway_message(posterior, target):
 def _coordinate_names(target, indices):
     """Names of entries of the unconstrained vector: ``site[i, j]`` for NumPyro targets (in the
     site's unconstrained shape), else ``z[k]``."""
-    sites = [s for s in getattr(target, "sites", ()) if not s.is_deterministic]
+    spec = getattr(target, "_spec", None)  # its sites, without replaying the model
+    sites = spec.latent if spec is not None else ()
     if not sites:
         return [f"z[{int(k)}]" for k in indices]
     names, offset, bounds = [], 0, []
@@ -2261,10 +2270,13 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
             f"; problems {_some(short)} converged short of their family's optimum: "
             f"{' and '.join(why)}, {_RIDGE}. {hint}"
         )
+    posterior = _posterior(parts)
+    if bad.size:
+        message += _runaway_message(posterior, targets, bad)
     if (bad.size or short.size) and not quiet:  # one warning for both
         warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=3)
     return FitResult(
-        posterior=_posterior(parts),
+        posterior=posterior,
         params=params,
         losses=losses,
         _elbo=estimate,
