@@ -158,6 +158,53 @@ def test_renyi_bounds_match_the_closed_form_on_both_sides_of_the_evidence(gauss3
         assert got[0] < got[1] < got[2] < want + 0.02 and got[2] > want - 0.1, (alpha, got, want)
 
 
+def test_fit_refuses_a_renyi_bound_above_the_evidence(gauss3):
+    # For alpha < 0, L_alpha >= log p(D), equal only at q = p: a fit maximizing it moved q away
+    # from the posterior (KL 2.7 -> 464 as the particles grew, in an audit).
+    for fit in (lambda **kw: vi.fit(gauss3.target, **kw),
+                lambda **kw: vi.fit_many(lambda m: gauss3.target, jnp.zeros(2), **kw)):
+        with pytest.raises(ValueError, match=r"upper bound on log p\(D\) for alpha < 0"):
+            fit(key=jax.random.key(0), objective=vi.Renyi(alpha=-0.5))
+    # Evaluating it stays possible (the upper side of a sandwich).
+    params = vi.MeanField().init(jax.random.key(1), 3)
+    assert np.isfinite(float(vi.Renyi(alpha=-0.5).loss(params, jax.random.key(0), vi.MeanField(),
+                                                       gauss3.target, 4)[1]))
+
+
+def test_objective_and_stopping_arguments_take_numpy_numbers_and_name_bad_ones(gauss3):
+    assert vi.IWAE(np.int64(8)) == vi.IWAE(8) and type(vi.IWAE(np.int64(8)).num_particles) is int
+    assert vi.Renyi(alpha=np.float32(0.5)) == vi.Renyi(alpha=0.5)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="num_particles: expected a positive integer"):
+            vi.IWAE(bad)
+    with pytest.raises(ValueError, match="alpha: expected a finite number"):
+        vi.Renyi(alpha=float("inf"))
+    params = vi.MeanField().init(jax.random.key(1), 3)
+    est = vi.elbo(jax.random.key(0), vi.MeanField(), params, gauss3.target, np.int64(100))
+    assert np.isfinite(float(est.mean))
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
+        vi.elbo(jax.random.key(0), vi.MeanField(), params, gauss3.target, 10, batch_size=0)
+    for rule, match in ((vi.StoppingRule(window=0), "stopping.window: expected an integer >= 2"),
+                        (vi.StoppingRule(factor=3.0), r"stopping.factor: expected a number in"),
+                        (vi.StoppingRule(patience=0), "stopping.patience"),
+                        (vi.StoppingRule(max_decays=-1), "stopping.max_decays"),
+                        (vi.StoppingRule(z=float("nan")), "stopping.z")):
+        with pytest.raises(ValueError, match=match):
+            vi.fit(gauss3.target, key=jax.random.key(0), stopping=rule)
+    with pytest.raises(TypeError, match="stopping: expected a vi.StoppingRule"):
+        vi.fit(gauss3.target, key=jax.random.key(0), stopping={"window": 100})
+
+
+def test_fit_under_a_jax_transformation_is_a_clear_error(gauss3):
+    def fit_at(key):
+        return vi.fit(gauss3.target, "meanfield", key=key, progress=False).params.loc
+
+    with pytest.raises(TypeError, match="called under a JAX transformation .* vi.fit_many"):
+        jax.jit(fit_at)(jax.random.key(0))
+    with pytest.raises(TypeError, match="called under a JAX transformation"):
+        jax.vmap(fit_at)(jax.random.split(jax.random.key(0), 2))
+
+
 def test_fixed_steps_run_exactly(gauss3):
     res = vi.fit(
         gauss3.target, "meanfield", key=jax.random.key(12), tol=None, num_steps=123,

@@ -56,8 +56,8 @@ from tqdm.auto import tqdm
 from vi_engine import _compile
 from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family
 from vi_engine.families.gaussian import FullRankParams, MeanFieldParams
-from vi_engine.objectives import ELBO, Estimate, elbo, get_objective
-from vi_engine.targets import Target
+from vi_engine.objectives import ELBO, Estimate, Renyi, elbo, get_objective
+from vi_engine.targets import Target, _any_tracer
 
 # Status codes, kept as int32 inside the compiled loop.
 RUNNING, CONVERGED, MAX_STEPS, NONFINITE = 0, 1, 2, 3
@@ -1262,6 +1262,14 @@ def _check_common(target, key, tol, num_elbo_samples):
             f"{type(target).__name__}; build one with vi.Target.from_log_density(f, dim) or "
             "vi.Target.from_numpyro(model, *args)"
         )
+    if _any_tracer((target, key)):
+        raise TypeError(
+            "vi.fit/vi.fit_many: called under a JAX transformation (jit, vmap, grad: the "
+            "target's data or the key are tracers). A fit runs its own compiled loop, with "
+            "host-side stopping and checks, so it cannot be traced; for many problems or seeds "
+            "use vi.fit_many (one compiled call), and for a differentiable objective vi.elbo or "
+            "an objective's .loss in your own loop."
+        )
     _check_key(key)
     if tol is not None and not (
         isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
@@ -1295,6 +1303,31 @@ def _positive_int(name, value, none_ok=False):
             f"{name}: expected a positive integer{' or None' if none_ok else ''}, got {value!r}"
         )
     return int(value)
+
+
+def _check_stopping(rule):
+    """``rule`` with plain Python numbers (it keys the compiled window), or a ValueError."""
+    if not isinstance(rule, StoppingRule):
+        raise TypeError(f"stopping: expected a vi.StoppingRule, got {type(rule).__name__}")
+
+    def real(x):
+        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+            x, (bool, np.bool_)) and math.isfinite(x)
+
+    checks = {
+        "window": (_is_int(rule.window) and rule.window >= 2, "an integer >= 2"),
+        "patience": (_is_int(rule.patience) and rule.patience >= 1, "a positive integer"),
+        "factor": (real(rule.factor) and 0 < rule.factor < 1,
+                   "a number in (0, 1): the step size is multiplied by it at each cut"),
+        "max_decays": (_is_int(rule.max_decays) and rule.max_decays >= 0,
+                       "a non-negative integer"),
+        "z": (real(rule.z) and rule.z >= 0, "a non-negative number"),
+    }
+    for name, (ok, want) in checks.items():
+        if not ok:
+            raise ValueError(f"stopping.{name}: expected {want}, got {getattr(rule, name)!r}")
+    return StoppingRule(int(rule.window), int(rule.patience), float(rule.factor),
+                        int(rule.max_decays), float(rule.z))
 
 
 def _check_key(key):
@@ -1427,10 +1460,10 @@ def _runaway_message(posterior, target, problems=None):
     return (
         f". q's sd ran away (above {RUNAWAY_SD:g}, or inf){where} in {len(names)} "
         f"coordinate(s): {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}: "
-        "the target's log "
-        "density is probably flat (improper) along them: an improper prior on a parameter the "
-        "data do not pin down, or NumPyro's obs_mask on a continuous site (the entries of "
-        "'<site>_unobserved' where the mask is True have no density)"
+        "either the step size was too large for them (a fit that fails within its first "
+        "steps), or the target's log density is flat (improper) along them: an improper "
+        "prior on a parameter the data do not pin down, or NumPyro's obs_mask on a continuous "
+        "site (the entries of '<site>_unobserved' where the mask is True have no density)"
     )
 
 
@@ -1868,11 +1901,19 @@ def _configure(family, objective, num_samples, optimizer, num_steps, tol, progre
     _check_optimizer(optimizer)
     family = get_family(family)
     objective = get_objective(objective)
+    if isinstance(objective, Renyi) and objective.alpha < 0:
+        raise ValueError(
+            f"objective: {objective} is an upper bound on log p(D) for alpha < 0 (equal to it "
+            "only at q = p), so maximizing it moves q away from the posterior; fit with "
+            "0 <= alpha < 1 (between IWAE and the ELBO) or alpha > 1. (Renyi with alpha < 0 "
+            "still evaluates the bound: vi.Renyi(alpha).loss.)"
+        )
     num_samples = _positive_int(
         "num_samples", family.default_num_samples if num_samples is None else num_samples
     )
     if optimizer is None:
         optimizer = default_optimizer(family.default_learning_rate)
+    stopping = _check_stopping(stopping)
     cap, window, per_sync, check, mask = _plan(num_steps, tol, progress, stopping, max_steps)
     cfg = _Config(family, objective, optimizer, num_samples, window, check, mask, stopping)
     return family, cfg, cap, per_sync

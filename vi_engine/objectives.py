@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
 
 _ESTIMATORS = ("reparam", "stl", "entropy")
@@ -75,8 +76,12 @@ def log_weights(key, family, params, target, num_samples, *, stop_q_grad=False):
 
 
 def _check_particles(name, value):
-    if not (isinstance(value, int) and value >= 1):
+    """``value`` as an int (Python or NumPy integer, not a bool), else a ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or (
+        value < 1
+    ):
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +145,9 @@ class IWAE:
     num_particles: int = 8
 
     def __post_init__(self):
-        _check_particles("num_particles", self.num_particles)
+        # A plain int: the objective is part of a compiled fit's static key.
+        object.__setattr__(self, "num_particles",
+                           _check_particles("num_particles", self.num_particles))
 
     def loss(self, params, key, family, target, num_samples):
         lw = log_weights(key, family, params, target, num_samples * self.num_particles)
@@ -158,11 +165,14 @@ class Renyi:
     Thm. 1). So:
 
     - ``alpha`` in [0, 1): bounds between IWAE (α=0) and the ELBO (α→1), below log p(D).
-    - ``alpha < 0``: ``L_α`` lies *above* log p(D), and a fit is more mass-covering than IWAE.
-      But the estimate is biased low and approaches ``L_α`` from below as ``num_particles``
-      grows, so it is no certified bound on either side (a 3-D Gaussian, q 1.5x too wide,
-      α = −1: −4.97, −1.76, −1.61 at 10, 100, 1000 particles, against ``L_α`` = −1.58 and
-      log p(D) = −3.18; tested).
+    - ``alpha < 0``: ``L_α`` lies *above* log p(D) (``D_α ≤ 0``), equal to it only at
+      q = p, so maximizing it moves q *away* from the posterior: ``vi.fit`` and
+      ``vi.fit_many`` refuse it (measured: full-rank q on a 3-D Gaussian, α = −0.5,
+      KL(q‖p*) = 2.7, 108 and 464 at 8, 64 and 512 particles). It serves to evaluate, as the
+      upper side of a sandwich; but the estimate is biased low and approaches ``L_α`` from
+      below as ``num_particles`` grows, so it is no certified bound on either side (a 3-D
+      Gaussian, q 1.5x too wide, α = −1: −4.97, −1.76, −1.61 at 10, 100, 1000 particles,
+      against ``L_α`` = −1.58 and log p(D) = −3.18; tested).
     - ``alpha > 1``: below the ELBO, and −∞ where q is wider than p in some direction
       (``∫ q^α p^{1−α}`` diverges): the estimates then drift down without bound.
 
@@ -179,9 +189,15 @@ class Renyi:
     num_particles: int = 8
 
     def __post_init__(self):
-        _check_particles("num_particles", self.num_particles)
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
+        # Plain Python numbers: the objective is part of a compiled fit's static key.
+        object.__setattr__(self, "num_particles",
+                           _check_particles("num_particles", self.num_particles))
+        if isinstance(self.alpha, (bool, np.bool_)) or not (
+            isinstance(self.alpha, (int, float, np.integer, np.floating))
+            and math.isfinite(self.alpha)
+        ):
             raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
         if self.alpha == 1:
             raise ValueError("alpha: 1 is the ELBO itself; use vi.ELBO() (or objective='elbo')")
 
@@ -252,7 +268,8 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     from vi_engine.families import get_family
 
     family = get_family(family)
-    _check_particles("num_samples", num_samples)
+    num_samples = _check_particles("num_samples", num_samples)
+    batch_size = _check_particles("batch_size", batch_size)
     lw = _log_weights_batched(key, family, params, target, num_samples, batch_size)
     n = lw.shape[0]
     # ddof=1, as kl_estimate: the unbiased variance of the draws.
