@@ -205,6 +205,16 @@ def test_fit_under_a_jax_transformation_is_a_clear_error(gauss3):
         jax.vmap(fit_at)(jax.random.split(jax.random.key(0), 2))
 
 
+def test_optimizers_that_take_the_loss_get_it_and_line_searches_are_refused(gauss3):
+    # reduce_on_plateau's update requires value= (a TypeError from optax without it).
+    opt = optax.chain(optax.adam(0.05), optax.contrib.reduce_on_plateau())
+    res = vi.fit(gauss3.target, "meanfield", key=jax.random.key(0), optimizer=opt, tol=None,
+                 num_steps=300, progress=False, num_elbo_samples=0)
+    assert res.num_steps == 300 and np.all(np.isfinite(res.losses))
+    with pytest.raises(ValueError, match=r"optimizer: its update needs more .*value_fn"):
+        vi.fit(gauss3.target, key=jax.random.key(0), optimizer=optax.lbfgs(), progress=False)
+
+
 def test_fixed_steps_run_exactly(gauss3):
     res = vi.fit(
         gauss3.target, "meanfield", key=jax.random.key(12), tol=None, num_steps=123,

@@ -281,6 +281,25 @@ def _init_state(optimizer, params, dtype):
     )
 
 
+def _update(optimizer, grads, opt_state, params, loss):
+    """``optimizer.update``, with ``value=loss`` for optax's transformations that take extra
+    arguments (``optax.contrib.reduce_on_plateau`` needs it; a chain passes it on to the
+    members that take it, and the others ignore it)."""
+    if not isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        return optimizer.update(grads, opt_state, params)
+    try:
+        return optimizer.update(grads, opt_state, params, value=loss)
+    except TypeError as err:
+        if "required keyword-only argument" not in str(err):
+            raise
+        raise ValueError(
+            f"optimizer: its update needs more than the loss vi_engine passes as value=: "
+            f"{err}. Line searches (value_fn=, grad=) need a deterministic objective; a fit's "
+            "loss is a Monte Carlo estimate. Use a step-size optimizer (optax.adam, a "
+            "schedule, reduce_on_plateau...)."
+        ) from None
+
+
 def _make_window(cfg: _Config, skip_when_done: bool = True):
     """``window(state, key, target, tol, max_steps) -> (state, losses (window,))``, uncompiled.
 
@@ -297,8 +316,10 @@ def _make_window(cfg: _Config, skip_when_done: bool = True):
 
     def step(carry, k, target, max_steps):
         state, w_count = carry
-        (_, value), grads = grad_fn(state.params, k, step_family, target, cfg.num_samples)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        (objective_loss, value), grads = grad_fn(state.params, k, step_family, target,
+                                                 cfg.num_samples)
+        updates, opt_state = _update(optimizer, grads, state.opt_state, state.params,
+                                     objective_loss)
         if cfg.check_plateau:  # the step-size cuts of the stopping rule
             updates = jax.tree_util.tree_map(
                 lambda u: u * state.lr_scale.astype(u.dtype), updates
