@@ -946,6 +946,23 @@ def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
     assert float(res.posterior.mean[0]) > 1.0
 
 
+def test_a_step_size_that_diverges_keeps_the_parameters_before_the_non_finite_loss():
+    # sgd(1.0) on a proper posterior: step 0's update leaves finite parameters (log-scales
+    # near 75) whose q overflows, so step 1's loss is inf. Those parameters were kept once,
+    # with an ELBO of -inf; the ones before them have a finite loss.
+    problem = exact.make_linear_regression(jax.random.key(0), n=200, d=5)
+    kw = dict(family="meanfield", key=jax.random.key(1), optimizer=optax.sgd(1.0),
+              progress=False)
+    with pytest.warns(RuntimeWarning, match=r"stopped at step 1: .* after 0 step\(s\)"):
+        res = vi.fit(problem.target, **kw)
+    assert res.num_steps == 0 and res.losses.shape == (0,)
+    assert np.isfinite(float(res.elbo.mean)) and np.all(np.asarray(res.posterior.variance) < 1)
+    with pytest.warns(RuntimeWarning, match="non-finite loss/gradient in problems"):
+        many = vi.fit_many(lambda i: problem.target, jnp.arange(3), **kw)
+    assert list(many.status) == ["nonfinite"] * 3
+    assert np.all(np.isfinite(np.asarray(many.elbo.mean))), many.elbo
+
+
 def _nan_gradient_past_3(z):
     # Finite everywhere, but its gradient is NaN once z[0] > 3: the loss of that step is finite
     # and only the updated parameters show the fault.

@@ -18,8 +18,9 @@ problems (see the README and ``benchmarks/``).
 
 NaN guard. A window whose losses or parameters are not finite is rolled back to its start and
 the fit stops with status ``"nonfinite"``; ``vi.fit`` (and ``vi.fit_many``, for each such
-problem) then replays that window up to its first non-finite step, so it keeps the last finite
-parameters, and the result says at which step and why.
+problem) then replays that window up to its first non-finite step, so it keeps the last
+parameters with a finite loss and update (those before a step whose loss was not finite: the
+parameters that loss was evaluated at may already overflow q), and says at which step and why.
 
 Compilation (what a first call costs, measured on 2 CPU cores). Nothing runs eagerly: keys are
 split, parameters initialized and the posterior distribution built inside compiled code (eager
@@ -1445,7 +1446,8 @@ def _message(status, step, bad_step, cap):
     if status == NONFINITE:
         return (
             f"stopped at step {bad_step}: the loss or its gradient was NaN/inf there; the "
-            "parameters are the last finite ones. Hint: lower the step size (optimizer=...), "
+            f"parameters are those after {step} step(s), the last with a finite loss and "
+            "update. Hint: lower the step size (optimizer=...), "
             "start closer (init_scale), or check the target's log density for overflow "
             "(e.g. exp of an unconstrained parameter)"
         )
@@ -1998,14 +2000,21 @@ def _replay_to_last_finite(cfg, state, key, target, tol_arr, bad_step, effort):
     that failed (``effort``: see ``_replay_executable``), so the same finite steps up to float
     rounding (it is a separately compiled program: parameters agreed to 7e-7 after 200 steps,
     measured): the fit keeps the parameters of the last finite step, not of the window's start.
+    Where the replay reached ``bad_step`` itself (a non-finite loss there, at parameters whose
+    update was finite), it runs once more to the step before: those parameters are in doubt.
     Compiled only when a fit hits a NaN.
     """
     bad = np.asarray(bad_step, np.int32)
     running = state._replace(done=np.asarray(False), status=np.asarray(RUNNING, np.int32))
     replay = _replay_executable(cfg, False, effort, running, key, target, tol_arr, bad)
     state, _ = replay(running, key, target, tol_arr, bad)
-    if bool(state.done):  # stopped at a non-finite step before the cap
+    if int(state.status) != MAX_STEPS:  # the guard stopped it: a non-finite update
         bad = np.asarray(state.step, np.int32)
+    elif bad > int(running.step):
+        # It reached step ``bad``, whose loss was not finite at these parameters: they are in
+        # doubt too (a step size too large leaves finite parameters whose q overflows), so the
+        # fit keeps those before, whose loss was finite.
+        state, _ = replay(running, key, target, tol_arr, bad - 1)
     return state._replace(
         done=np.asarray(True), status=np.asarray(NONFINITE, np.int32), bad_step=bad
     )
@@ -2026,6 +2035,11 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     limit = np.where(nonfinite, bad_steps, np.asarray(start.step)).astype(np.int32)
     replay = _replay_executable(cfg, True, effort, running, keys, targets, tol_arr, limit)
     new, _ = replay(running, keys, targets, tol_arr, limit)
+    # As in _replay_to_last_finite: a problem that reached its non-finite step (a loss, not
+    # an update) keeps the parameters before it.
+    back = nonfinite & (np.asarray(new.status) == MAX_STEPS) & (limit > np.asarray(start.step))
+    if back.any():
+        new, _ = replay(running, keys, targets, tol_arr, np.where(back, limit - 1, limit))
     return (_where_problems(nonfinite, new.params, params),
             np.where(nonfinite, np.asarray(new.step), steps))
 
@@ -2246,7 +2260,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     if bad.size:
         message += (
             f"; non-finite loss/gradient in problems {_some(bad)} (their parameters are those of "
-            "their last finite step; num_steps says which)"
+            "their last step with a finite loss and update; num_steps says which)"
         )
         # The targets are built under vmap, so their data are not checked on construction: say
         # which of these problems have non-finite data, the likely cause.
