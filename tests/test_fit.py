@@ -1226,6 +1226,8 @@ def test_bad_arguments_are_clear_errors(gauss3):
     for bad in (-1e-3, np.float32(-1e-3), float("nan"), True):
         with pytest.raises(ValueError, match="tol: expected a non-negative number or None"):
             vi.fit(gauss3.target, key=jax.random.key(0), tol=bad)
+    with pytest.raises(ValueError, match="num_steps=500 and max_steps=333: pass one"):
+        vi.fit(gauss3.target, key=jax.random.key(0), num_steps=500, max_steps=333)
     # NumPy scalars are numbers too, as for num_steps.
     res = vi.fit(gauss3.target, "meanfield", key=jax.random.key(0), tol=np.float32(1e-2),
                  max_steps=np.int64(20), progress=False, num_elbo_samples=0)

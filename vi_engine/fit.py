@@ -1327,6 +1327,16 @@ def _positive_int(name, value, none_ok=False):
     return int(value)
 
 
+def _check_steps(num_steps, max_steps):
+    """Of the public calls: both given is ambiguous (num_steps would win, silently)."""
+    if num_steps is not None and max_steps is not None and max_steps != DEFAULT_MAX_STEPS:
+        raise ValueError(
+            f"num_steps={num_steps} and max_steps={max_steps}: pass one. num_steps is the exact "
+            "count with tol=None and the cap with tol set; max_steps is the cap when num_steps "
+            "is None"
+        )
+
+
 def _check_stopping(rule):
     """``rule`` with plain Python numbers (it keys the compiled window), or a ValueError."""
     if not isinstance(rule, StoppingRule):
@@ -1583,6 +1593,7 @@ def fit(
     >>> res.posterior.mean.shape
     (3,)
     """
+    _check_steps(num_steps, max_steps)
     kwargs = dict(key=key, num_steps=num_steps, optimizer=optimizer, num_samples=num_samples,
                   objective=objective, tol=tol, progress=progress, max_steps=max_steps,
                   stopping=stopping, num_elbo_samples=num_elbo_samples)
@@ -2171,6 +2182,7 @@ def fit_many(
         raise ValueError(
             f"precondition: expected None, 'auto' or 'laplace', got {precondition!r}"
         )
+    _check_steps(num_steps, max_steps)
     return _fit_many(make_target, batched_args, family=family, key=key, num_steps=num_steps,
                      optimizer=optimizer, num_samples=num_samples, objective=objective,
                      tol=tol, progress=progress, init_params=init_params,
