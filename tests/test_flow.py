@@ -251,6 +251,10 @@ def test_vi_fit_accepts_the_flow_family():
         z = res.posterior.sample(jax.random.key(1), (5,))
         np.testing.assert_allclose(res.posterior.log_prob(z), Flow().log_prob(res.params, z),
                                    atol=1e-4)
+    # No closed-form moments: the error says how to estimate them (numpyro's was empty).
+    for moment in ("mean", "variance"):
+        with pytest.raises(NotImplementedError, match="no closed form: estimate it from draws"):
+            getattr(res.posterior, moment)
 
 
 # --------------------------------------------------------------------------------------------

@@ -318,8 +318,25 @@ class Flow(Family):
             )
         # No argument validation: it runs eagerly even under jit (see families/gaussian.py).
         base = dist.Normal(jnp.zeros_like(loc), jnp.ones_like(loc), validate_args=False)
-        return dist.TransformedDistribution(
-            base.to_event(1), FlowTransform(self, params), validate_args=False
+        return FlowDistribution(base.to_event(1), FlowTransform(self, params), validate_args=False)
+
+
+class FlowDistribution(dist.TransformedDistribution):
+    """A flow's q: numpyro's ``TransformedDistribution``, whose ``mean`` and ``variance`` say
+    how to estimate them (they have no closed form; numpyro's raised an empty error)."""
+
+    @property
+    def mean(self):
+        raise NotImplementedError(
+            "a flow posterior's mean has no closed form: estimate it from draws, e.g. "
+            "res.posterior.sample(key, (10_000,)).mean(0) (or res.sample for NumPyro targets)"
+        )
+
+    @property
+    def variance(self):
+        raise NotImplementedError(
+            "a flow posterior's variance has no closed form: estimate it from draws, e.g. "
+            "res.posterior.sample(key, (10_000,)).var(0)"
         )
 
 
