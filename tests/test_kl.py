@@ -556,6 +556,29 @@ def test_check_grads_on_pairs():
         )
 
 
+def test_one_pair_with_a_non_finite_derivative_leaves_the_others_alone():
+    # The ordering of the low-rank KL's backward pass (_compile.after) once made every pair's
+    # derivative NaN when one pair's was not finite (review): its transpose multiplied a
+    # cotangent by 0.
+    rng = np.random.default_rng(0)
+    loc = jnp.asarray(rng.normal(size=(2, 3)))
+    W, D = jnp.asarray(0.5 * rng.normal(size=(2, 3, 2))), jnp.ones((2, 3))
+    q = dist.LowRankMultivariateNormal(loc, W, D)
+    loc_p = loc.at[1].add(1.0)  # pair 0: p == q, KL 0, where sqrt's derivative is inf
+
+    def root_kl(m, W=W, D=D, q=q):
+        return jnp.sqrt(kl_divergence(dist.LowRankMultivariateNormal(m, W, D), q))
+
+    g = jax.grad(lambda m: jnp.sum(root_kl(m)))(loc_p)
+    alone = jax.grad(lambda m: root_kl(m, W[1], D[1], dist.LowRankMultivariateNormal(
+        loc[1], W[1], D[1])))(loc_p[1])
+    np.testing.assert_allclose(g[1], alone, rtol=1e-5)
+    tangent = jnp.zeros((2, 3)).at[0, 0].set(jnp.inf).at[1, 0].set(1.0)
+    _, t = jax.jvp(lambda m: kl_divergence(dist.LowRankMultivariateNormal(m, W, D), q),
+                   (loc_p,), (tangent,))
+    assert np.isfinite(float(t[1]))
+
+
 @pytest.mark.parametrize("kinds", [("lowrank", "lowrank"), ("lowrank", "full"),
                                    ("full", "lowrank"), ("full", "full")])
 def test_gaussian_kl_derivatives_both_modes_to_second_order(kinds):

@@ -121,9 +121,9 @@ def after(x, dep):
     cotangent depends only on the cotangents reaching it, and the gradient of that KL ran the
     transposes of p's and q's factorizations side by side (it hung 2 of 2 times). So the
     tangent of ``after`` is ``ẋ + 0 · Σ deṗ``: transposed, ``dep``'s cotangent reads ``x``'s, and
-    whatever produced ``dep`` is differentiated after whatever consumed ``x``. (A non-finite
-    cotangent of ``x`` makes ``dep``'s NaN: the gradient is not finite either way.) See also
-    ``backward_after_forward``.
+    whatever produced ``dep`` is differentiated after whatever consumed ``x``. (The ``0`` is a
+    select on a predicate always False at run time, not a product: a NaN in ``x``'s cotangent
+    stays out of ``dep``'s.) See also ``backward_after_forward``.
 
     >>> import jax, jax.numpy as jnp
     >>> after(jnp.array([1.0, -2.0]), jnp.array([jnp.nan, 3.0])).tolist()
@@ -168,5 +168,13 @@ def _after_jvp(primals, tangents):
     # Linear in the tangents, so JAX transposes it: x's cotangent times (1 + 0·flag(dep)) (x's
     # backward after dep's forward value) and dep's cotangent 0·Σ(x's cotangent).
     one = 1 + 0 * jnp.isnan(jnp.sum(dep)).astype(jnp.result_type(x))
-    tangent = x_dot * one + (0 * jnp.sum(dep_dot)).astype(jnp.result_type(x))
+    # dep's term is a select on a predicate that is always False but that XLA cannot fold
+    # (``one`` is exactly 1): its transpose still reads x's cotangent, but a select multiplies
+    # nothing, so a NaN or inf in that cotangent does not turn dep's into NaN (``0 · Σ`` did:
+    # one degenerate pair of a batched KL made every pair's gradient NaN, in review).
+    never = one > 1
+    dep_sum = jnp.sum(dep_dot)
+    if jnp.iscomplexobj(dep_sum) and not jnp.iscomplexobj(x_dot):
+        dep_sum = jnp.real(dep_sum)
+    tangent = x_dot * one + jnp.where(never, dep_sum.astype(jnp.result_type(x)), 0)
     return _after_value(x, dep), tangent
