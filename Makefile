@@ -31,8 +31,15 @@ $(STAMP): pyproject.toml Makefile
 # compile hundreds of small programs and run each briefly, so LLVM's optimization level 0 is
 # used for them (measured: 22% less CPU time on tests/test_fit.py); benchmarks keep the default.
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0
+# The two workers, the notebooks' kernels and the tests' subprocesses compile many of the same
+# programs: they share JAX's persistent compilation cache, in a directory made for this run
+# and removed after it (nothing carries over from one run to the next).
 test: install
-	VI_ENGINE_QUICK=1 XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -n 2 --durations=15 tests --nbmake notebooks
+	@cache=$$(mktemp -d) && \
+	VI_ENGINE_QUICK=1 XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_COMPILATION_CACHE_DIR=$$cache \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	$(PY) -m pytest -n 2 --durations=15 tests --nbmake notebooks; \
+	rc=$$?; rm -rf $$cache; exit $$rc
 
 bench: install
 	$(PY) -m benchmarks --quick
