@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip("sklearn")
@@ -93,3 +94,11 @@ def test_bad_inputs_raise_naming_the_argument(trained, data):
         am.train(jax.random.key(0), data.x_test[:10], batch_size=20, progress=False)
     with pytest.raises(ValueError, match="latent_dim"):
         am.VAE(data_dim=64, latent_dim=0)
+
+
+def test_train_passes_the_loss_to_optimizers_that_take_it(data):
+    # reduce_on_plateau's update requires value= (optax's TypeError without it).
+    opt = optax.chain(optax.adam(1e-3), optax.contrib.reduce_on_plateau())
+    res = am.train(jax.random.key(0), data.x_train[:64], hidden=(16,), num_steps=20,
+                   batch_size=16, steps_per_chunk=10, optimizer=opt, progress=False)
+    assert np.all(np.isfinite(np.asarray(res.losses)))

@@ -39,6 +39,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
+from vi_engine.fit import _update
 from vi_engine.kl import kl_divergence
 
 Params = Any
@@ -274,7 +275,7 @@ def train(key: jax.Array, x_train, *, model: VAE | None = None, latent_dim: int 
     def step(carry, k):
         p, s = carry
         loss, grads = jax.value_and_grad(loss_fn)(p, k)
-        updates, s = optimizer.update(grads, s, p)
+        updates, s = _update(optimizer, grads, s, p, loss)  # value=loss where optax takes it
         return (optax.apply_updates(p, updates), s), loss
 
     @jax.jit
