@@ -31,9 +31,10 @@ $(STAMP): pyproject.toml Makefile
 # compile hundreds of small programs and run each briefly, so LLVM's optimization level 0 is
 # used for them (measured: 22% less CPU time on tests/test_fit.py); benchmarks keep the default.
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0
-# The two workers, the notebooks' kernels and the tests' subprocesses compile many of the same
-# programs: they share JAX's persistent compilation cache, in a directory made for this run
-# and removed after it (nothing carries over from one run to the next).
+# Each test worker, with the notebook kernels and subprocesses it runs, compiles many of the
+# same programs: they share JAX's persistent compilation cache, in a directory made for this
+# run and removed after it (nothing carries over from one run to the next); one subdirectory
+# per worker (tests/conftest.py), since JAX writes entries without a lock.
 test: install
 	@cache=$$(mktemp -d) && \
 	VI_ENGINE_QUICK=1 XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_COMPILATION_CACHE_DIR=$$cache \

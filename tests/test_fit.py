@@ -963,6 +963,38 @@ def test_a_step_size_that_diverges_keeps_the_parameters_before_the_non_finite_lo
     assert np.all(np.isfinite(np.asarray(many.elbo.mean))), many.elbo
 
 
+@pytest.mark.parametrize("t", [1, 10, 11])
+def test_a_non_finite_loss_at_step_t_keeps_the_parameters_it_can_and_says_which(t):
+    # log p̃ is NaN once loc passes the midpoint of steps t-1 and t (sgd, no noise: q's scale
+    # is e^-20), so the loss turns NaN at step t. Windows of 10 steps: step 10 begins one, and
+    # the fit keeps nothing from before it (review); the message must say so.
+    loc = [0.0]
+    for _ in range(t):
+        loc.append(np.float32(loc[-1] + np.float32(0.1) * (np.float32(10) - loc[-1])))
+    edge = float((loc[t - 1] + loc[t]) / 2)
+    target = vi.Target.from_log_density(
+        lambda z, e: jnp.where(z[0] > e, jnp.nan, -0.5 * jnp.sum((z - 10.0) ** 2)), 1,
+        data=(edge,))
+    init = fit_module.MeanFieldParams(jnp.zeros(1), jnp.full(1, -20.0))
+    kw = dict(family="meanfield", optimizer=optax.sgd(0.1), num_steps=100, num_samples=1,
+              stopping=vi.StoppingRule(window=10), progress=False, precondition=None,
+              objective=vi.ELBO(estimator="entropy"))
+    with pytest.warns(RuntimeWarning, match=f"stopped at step {t}:"):
+        res = vi.fit(target, key=jax.random.key(0), init_params=init, **kw)
+    kept_bad = t == 10
+    assert res.num_steps == (t if kept_bad else t - 1)
+    assert bool(res.params.loc[0] > edge) == kept_bad
+    assert ("whose loss was not finite" in res.message) == kept_bad
+    batch = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), init)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        many = vi.fit_many(lambda e: vi.Target.from_log_density(target._fn, 1, data=(e,)),
+                           jnp.array([edge, 1e9]), key=jax.random.key(0), init_params=batch,
+                           **kw)
+    assert int(many.num_steps[0]) == res.num_steps
+    assert "failed at their first step" not in many.message  # step 0's loss was finite
+    assert ("problems [0] keep parameters whose loss was not finite" in many.message) == kept_bad
+
+
 def _nan_gradient_past_3(z):
     # Finite everywhere, but its gradient is NaN once z[0] > 3: the loss of that step is finite
     # and only the updated parameters show the fault.

@@ -1454,10 +1454,13 @@ def _message(status, step, bad_step, cap):
     if status == MAX_STEPS:
         return f"stopped at the step cap ({cap} steps) before the stopping rule fired"
     if status == NONFINITE:
+        kept = (f"those after {step} step(s), the last with a finite loss and update"
+                if bad_step > step else
+                f"those after {step} step(s), whose loss was not finite (the fit's first step, "
+                "or a window's: the fit keeps nothing from before it)")
         return (
             f"stopped at step {bad_step}: the loss or its gradient was NaN/inf there; the "
-            f"parameters are those after {step} step(s), the last with a finite loss and "
-            "update. Hint: lower the step size (optimizer=...), "
+            f"parameters are {kept}. Hint: lower the step size (optimizer=...), "
             "start closer (init_scale), or check the target's log density for overflow "
             "(e.g. exp of an unconstrained parameter)"
         )
@@ -2036,7 +2039,8 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     """``fit_many``'s NaN replay: each problem in ``nonfinite`` re-runs its rolled-back window,
     from ``start`` (its state at that window's start), up to its first non-finite step, as
     ``_replay_to_last_finite`` does for one problem; the others keep ``params`` and ``steps``.
-    Returns ``(params, steps)``.
+    Returns ``(params, steps, failed)``: ``failed``, each problem's first non-finite step
+    (``steps`` may be one less: see ``back`` below).
     """
     size = nonfinite.shape[0]
     # As in _replay_to_last_finite: each problem stops at its first non-finite step.
@@ -2048,11 +2052,13 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     new, _ = replay(running, keys, targets, tol_arr, limit)
     # As in _replay_to_last_finite: a problem that reached its non-finite step (a loss, not
     # an update) keeps the parameters before it.
-    back = nonfinite & (np.asarray(new.status) == MAX_STEPS) & (limit > np.asarray(start.step))
+    reached = np.asarray(new.status) == MAX_STEPS
+    failed = np.where(reached, limit, np.asarray(new.step))
+    back = nonfinite & reached & (limit > np.asarray(start.step))
     if back.any():
         new, _ = replay(running, keys, targets, tol_arr, np.where(back, limit - 1, limit))
     return (_where_problems(nonfinite, new.params, params),
-            np.where(nonfinite, np.asarray(new.step), steps))
+            np.where(nonfinite, np.asarray(new.step), steps), failed)
 
 
 def _take(tree, rows):
@@ -2260,9 +2266,8 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     nonfinite = status == NONFINITE
     if nonfinite.any():
         state, k_run, k_final = run.start()
-        params, steps = _replay_many_to_last_finite(cfg, state, k_run, targets, tol_arr,
-                                                    nonfinite, bad_steps, run.effort, params,
-                                                    steps)
+        params, steps, failed = _replay_many_to_last_finite(
+            cfg, state, k_run, targets, tol_arr, nonfinite, bad_steps, run.effort, params, steps)
         final = _final_executables(family, num_elbo_samples, True, k_final, params, targets,
                                    check=_checks(cfg))
     names = np.array([_STATUS_NAMES[int(s)] for s in status])
@@ -2271,8 +2276,9 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     message = f"{B} problems: " + ", ".join(f"{v} {k}" for k, v in counts.items())
     if bad.size:
         message += (
-            f"; non-finite loss/gradient in problems {_some(bad)} (their parameters are those of "
-            "their last step with a finite loss and update; num_steps says which)"
+            f"; non-finite loss/gradient in problems {_some(bad)} (each keeps the parameters of "
+            "its last step with a finite loss and update where the fit has them; num_steps says "
+            "which)"
         )
         # The targets are built under vmap, so their data are not checked on construction: say
         # which of these problems have non-finite data, the likely cause.
@@ -2281,10 +2287,16 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         with_nan = [int(i) for i in bad if any(not np.isfinite(x[i]).all() for x in leaves)]
         if with_nan:
             message += f"; problems {_some(with_nan)} have NaN/inf in their data (batched_args)"
-        at_start = bad[np.asarray(steps)[bad] == 0]
+        failed = np.asarray(failed)[bad]
+        at_start = bad[failed == 0]
         if at_start.size:
             message += (f"; problems {_some(at_start)} failed at their first step (check their "
                         "log density and data)")
+        kept_bad = bad[(failed > 0) & (failed == np.asarray(steps)[bad])]
+        if kept_bad.size:
+            message += (f"; problems {_some(kept_bad)} keep parameters whose loss was not finite "
+                        "(the first step of a window failed: the fit keeps nothing from before "
+                        "it)")
         message += (". Hint: lower the step size (optimizer=...), or check the targets' log "
                     "density for overflow")
     estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, targets)
