@@ -1448,14 +1448,14 @@ def _plan(num_steps, tol, progress, rule, max_steps):
     return cap, rule.window, 5, True, cap % rule.window != 0
 
 
-def _message(status, step, bad_step, cap):
+def _message(status, step, bad_step, cap, kept_finite=True):
     if status == CONVERGED:
         return f"converged after {step} steps (ELBO plateau at the smallest step size)"
     if status == MAX_STEPS:
         return f"stopped at the step cap ({cap} steps) before the stopping rule fired"
     if status == NONFINITE:
         kept = (f"those after {step} step(s), the last with a finite loss and update"
-                if bad_step > step else
+                if kept_finite else
                 f"those after {step} step(s), whose loss was not finite (the fit's first step, "
                 "or a window's: the fit keeps nothing from before it)")
         return (
@@ -1708,6 +1708,9 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
                     per_sync, progress, f"fit {family.name}", num_elbo_samples, fixed)
     params, chunks, final, k_final = run.params, run.chunks, run.final, run.k_final
     step, status, bad_step = (int(x) for x in run.info)
+    # The window's first non-finite loss at its very start: no replay, and no parameters from
+    # before it to keep (a non-finite update is found by the replay, at its exact step).
+    kept_finite = not (status == NONFINITE and bad_step <= step)
     if status == NONFINITE and bad_step > step:
         state, k_run, k_final = run.start()
         state = _replay_to_last_finite(cfg, state, k_run, target, tol_arr, bad_step,
@@ -1715,7 +1718,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         params, step, bad_step = state.params, int(state.step), int(state.bad_step)
         final = _final_executables(family, num_elbo_samples, False, k_final, params, target,
                                    check=_checks(cfg))
-    message = _message(status, step, bad_step, cap)
+    message = _message(status, step, bad_step, cap, kept_finite)
     estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, target)
     posterior = _posterior(parts)
     # A fit that failed to converge may have met a flat direction (not a fixed-step fit, whose
@@ -2039,8 +2042,9 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     """``fit_many``'s NaN replay: each problem in ``nonfinite`` re-runs its rolled-back window,
     from ``start`` (its state at that window's start), up to its first non-finite step, as
     ``_replay_to_last_finite`` does for one problem; the others keep ``params`` and ``steps``.
-    Returns ``(params, steps, failed)``: ``failed``, each problem's first non-finite step
-    (``steps`` may be one less: see ``back`` below).
+    Returns ``(params, steps, failed, stuck)``: ``failed``, each problem's first non-finite
+    step (``steps`` may be one less: see ``back`` below); ``stuck``, the problems whose loss
+    turned non-finite at their window's start, whose kept parameters are those of that loss.
     """
     size = nonfinite.shape[0]
     # As in _replay_to_last_finite: each problem stops at its first non-finite step.
@@ -2055,10 +2059,11 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     reached = np.asarray(new.status) == MAX_STEPS
     failed = np.where(reached, limit, np.asarray(new.step))
     back = nonfinite & reached & (limit > np.asarray(start.step))
+    stuck = nonfinite & reached & (limit == np.asarray(start.step))
     if back.any():
         new, _ = replay(running, keys, targets, tol_arr, np.where(back, limit - 1, limit))
     return (_where_problems(nonfinite, new.params, params),
-            np.where(nonfinite, np.asarray(new.step), steps), failed)
+            np.where(nonfinite, np.asarray(new.step), steps), failed, stuck)
 
 
 def _take(tree, rows):
@@ -2266,7 +2271,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     nonfinite = status == NONFINITE
     if nonfinite.any():
         state, k_run, k_final = run.start()
-        params, steps, failed = _replay_many_to_last_finite(
+        params, steps, failed, stuck = _replay_many_to_last_finite(
             cfg, state, k_run, targets, tol_arr, nonfinite, bad_steps, run.effort, params, steps)
         final = _final_executables(family, num_elbo_samples, True, k_final, params, targets,
                                    check=_checks(cfg))
@@ -2292,7 +2297,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         if at_start.size:
             message += (f"; problems {_some(at_start)} failed at their first step (check their "
                         "log density and data)")
-        kept_bad = bad[(failed > 0) & (failed == np.asarray(steps)[bad])]
+        kept_bad = bad[(failed > 0) & stuck[bad]]
         if kept_bad.size:
             message += (f"; problems {_some(kept_bad)} keep parameters whose loss was not finite "
                         "(the first step of a window failed: the fit keeps nothing from before "
