@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from vi_engine import _compile
 from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family
 from vi_engine.families.gaussian import FullRankParams, MeanFieldParams
-from vi_engine.objectives import ELBO, Estimate, Renyi, elbo, get_objective
+from vi_engine.objectives import ELBO, Estimate, Renyi, _is_real, elbo, get_objective
 from vi_engine.targets import Target, _any_tracer
 
 # Status codes, kept as int32 inside the compiled loop.
@@ -1293,10 +1293,7 @@ def _check_common(target, key, tol, num_elbo_samples):
             "an objective's .loss in your own loop."
         )
     _check_key(key)
-    if tol is not None and not (
-        isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
-        and tol >= 0 and math.isfinite(tol)
-    ):
+    if tol is not None and not (_is_real(tol) and tol >= 0):
         raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
     if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):
         raise ValueError(
@@ -1342,18 +1339,14 @@ def _check_stopping(rule):
     if not isinstance(rule, StoppingRule):
         raise TypeError(f"stopping: expected a vi.StoppingRule, got {type(rule).__name__}")
 
-    def real(x):
-        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
-            x, (bool, np.bool_)) and math.isfinite(x)
-
     checks = {
         "window": (_is_int(rule.window) and rule.window >= 2, "an integer >= 2"),
         "patience": (_is_int(rule.patience) and rule.patience >= 1, "a positive integer"),
-        "factor": (real(rule.factor) and 0 < rule.factor < 1,
+        "factor": (_is_real(rule.factor) and 0 < rule.factor < 1,
                    "a number in (0, 1): the step size is multiplied by it at each cut"),
         "max_decays": (_is_int(rule.max_decays) and rule.max_decays >= 0,
                        "a non-negative integer"),
-        "z": (real(rule.z) and rule.z >= 0, "a non-negative number"),
+        "z": (_is_real(rule.z) and rule.z >= 0, "a non-negative number"),
     }
     for name, (ok, want) in checks.items():
         if not ok:
@@ -2059,7 +2052,7 @@ def _replay_many_to_last_finite(cfg, start, keys, targets, tol_arr, nonfinite, b
     reached = np.asarray(new.status) == MAX_STEPS
     failed = np.where(reached, limit, np.asarray(new.step))
     back = nonfinite & reached & (limit > np.asarray(start.step))
-    stuck = nonfinite & reached & (limit == np.asarray(start.step))
+    stuck = nonfinite & reached & ~back  # reached at the window's start: nothing before it
     if back.any():
         new, _ = replay(running, keys, targets, tol_arr, np.where(back, limit - 1, limit))
     return (_where_problems(nonfinite, new.params, params),

@@ -75,6 +75,12 @@ def log_weights(key, family, params, target, num_samples, *, stop_q_grad=False):
     return _log_density(target, z) - log_q
 
 
+def _is_real(x):
+    """A finite real number: Python or NumPy, not a bool."""
+    return (isinstance(x, (int, float, np.integer, np.floating))
+            and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
+
+
 def _check_particles(name, value):
     """``value`` as an int (Python or NumPy integer, not a bool), else a ValueError."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or (
@@ -192,10 +198,7 @@ class Renyi:
         # Plain Python numbers: the objective is part of a compiled fit's static key.
         object.__setattr__(self, "num_particles",
                            _check_particles("num_particles", self.num_particles))
-        if isinstance(self.alpha, (bool, np.bool_)) or not (
-            isinstance(self.alpha, (int, float, np.integer, np.floating))
-            and math.isfinite(self.alpha)
-        ):
+        if not _is_real(self.alpha):
             raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
         if self.alpha == 1:
