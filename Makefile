@@ -28,9 +28,13 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 # Two workers: the tests are dominated by XLA compilation, which is single-threaded. The tests
-# compile hundreds of small programs and run each briefly, so LLVM's optimization level 0 is
-# used for them (measured: 22% less CPU time on tests/test_fit.py); benchmarks keep the default.
-TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0
+# compile hundreds of small programs and run each briefly, so they compile the way vi_engine
+# compiles its run-once programs (vi_engine/_compile.py, "minimal"): LLVM's optimization level 0
+# (measured: 22% less CPU time on tests/test_fit.py) and XLA's classic emitters instead of its
+# MLIR fusion emitters (tests/test_kl.py, test_exact.py and test_flow.py on 2 workers: 159 s ->
+# 105 s wall). Tests that compare against XLA's defaults ask for them explicitly
+# (tests/conftest.py: XLA_DEFAULTS); benchmarks keep the defaults.
+TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false
 # Each test worker, with the notebook kernels and subprocesses it runs, compiles many of the
 # same programs: they share JAX's persistent compilation cache, in a directory made for this
 # run and removed after it (nothing carries over from one run to the next); one subdirectory

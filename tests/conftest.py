@@ -9,6 +9,8 @@ notebook kernels inherit (they run while the worker waits, never beside it).
 
 import os
 
+import pytest
+
 
 def pytest_configure(config):
     base, worker = os.environ.get("JAX_COMPILATION_CACHE_DIR"), os.environ.get(
@@ -22,3 +24,14 @@ def pytest_configure(config):
 
     if "jax" in sys.modules:  # read at the first compilation, so not too late here
         sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
+
+
+# XLA's own defaults on CPU (jaxlib 0.10: xla/debug_options_flags.cc), as compile options, which
+# override XLA_FLAGS: ``make test`` compiles with cheaper settings, and the tests that compare
+# against (or read) what a user's default compilation does ask for it with these.
+XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+
+@pytest.fixture
+def xla_defaults():
+    return dict(XLA_DEFAULTS)
