@@ -449,6 +449,72 @@ def test_a_converged_fit_reports_its_mean_gap(gauss3):
     assert many.mean_gap.mean.shape == (3,) and np.all(np.abs(many.mean_gap.mean) < 0.05)
 
 
+def test_spread_gap_is_the_exact_spread_kl_on_a_gaussian_target():
+    # q at the posterior's mean with its scale off by a factor c: for a Gaussian target the
+    # gain of moving the spread to its optimum is ½ Σ (λ − 1 − log λ) over the eigenvalues of
+    # Σ_q Λ (full-rank), or of diag(Λ) σ² (mean-field), and the estimate has no noise.
+    from vi_engine.families.gaussian import FullRankParams, MeanFieldParams
+
+    with jax.enable_x64(True):
+        prob = exact.make_linear_regression(jax.random.key(0), n=200, d=6)
+        m = np.asarray(prob.posterior.loc)
+        cov = np.asarray(prob.posterior.covariance_matrix)
+        prec = np.linalg.inv(cov)
+        lo = np.linalg.cholesky(cov)
+        for c in (1.0, 1.3, 0.6):
+            lq = c * lo
+            dg = np.diag(lq)
+            params = FullRankParams(jnp.asarray(m), jnp.log(jnp.asarray(dg)),
+                                    jnp.asarray(lq / dg[None, :] - np.eye(6)))
+            check = fit_module._check_fn(vi.FullRank(), False)
+            est = check(jax.random.key(c > 1), params, prob.target)[2]
+            lam = np.linalg.eigvalsh(prec @ lq @ lq.T)
+            np.testing.assert_allclose(est.mean, 0.5 * np.sum(lam - 1 - np.log(lam)), atol=1e-9)
+            var = c**2 / np.diag(prec)
+            params = MeanFieldParams(jnp.asarray(m), 0.5 * jnp.log(jnp.asarray(var)))
+            est = fit_module._check_fn(vi.MeanField(), False)(jax.random.key(3), params,
+                                                                prob.target)[2]
+            r = np.diag(prec) * var
+            np.testing.assert_allclose(est.mean, 0.5 * np.sum(r - 1 - np.log(r)), atol=1e-9)
+            assert est.stderr < 1e-6
+
+
+def test_a_slow_optimizer_s_plateau_is_caught_by_the_spread_gap():
+    # Plain SGD at 1e-4 on a full-rank d=20 regression meets the plateau test with q's
+    # covariance ~1-2 nats of KL from the posterior's; the stationarity check reads under 6
+    # there (5.0-5.7, measured), and before the spread gap the fit said "converged" silently.
+    prob = exact.make_linear_regression(jax.random.key(0), n=500, d=20)
+    opt = optax.sgd(1e-4)
+    with pytest.warns(RuntimeWarning, match="spread_gap"):
+        plain = vi.fit(prob.target, "fullrank", key=jax.random.key(0), optimizer=opt,
+                       progress=False, precondition=None)
+    assert plain.converged and plain.stationarity < fit_module.STATIONARITY_LIMIT
+    truth = float(kl_divergence(plain.posterior, prob.posterior))
+    assert truth > 0.5
+    np.testing.assert_allclose(plain.spread_gap.mean, truth, rtol=0.05)
+    # The default refits from the Laplace approximation, where the same optimizer is done.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = vi.fit(prob.target, "fullrank", key=jax.random.key(0), optimizer=opt,
+                     progress=False)
+    assert "spread_gap" in res.message and "refitted" in res.message
+    assert float(kl_divergence(res.posterior, prob.posterior)) < 1e-2
+    assert res.spread_gap.mean < 0.05
+    # fit_many says it too, per problem, and by default refits them.
+    X, y = (jnp.stack([a, a]) for a in prob.target.data[:2])
+    with pytest.warns(RuntimeWarning, match="spread_gap"):
+        many = vi.fit_many(lambda Xi, yi: exact.linear_regression(Xi, yi).target, X, y,
+                           family="fullrank", key=jax.random.key(0), optimizer=opt,
+                           progress=False, precondition=None)
+    assert many.spread_gap.mean.shape == (2,) and np.all(many.spread_gap.mean > 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        many = vi.fit_many(lambda Xi, yi: exact.linear_regression(Xi, yi).target, X, y,
+                           family="fullrank", key=jax.random.key(0), optimizer=opt,
+                           progress=False)
+    assert "refitted" in many.message and np.all(many.spread_gap.mean < 0.05)
+
+
 def test_a_mean_field_fit_short_on_a_ridge_is_polished():
     # Linear regression with d = N = 200: the posterior's precision XᵀX + I is badly
     # conditioned, and the default mean-field fit converged with its mean ~1 nat short

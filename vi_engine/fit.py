@@ -511,7 +511,7 @@ _CHECK_TIERS = (("minimal", 2e10), ("fast", math.inf))
 STATIONARITY_LIMIT = 6.0
 
 
-def _stationarity(key, family, params, target, budget=None):
+def _stationarity(key, family, params, target, budget=None, with_draws=False):
     """Max over the parameters' components of |mean| / standard error of the per-draw ELBO
     gradient at ``params``: reparameterized, with the closed-form entropy where the family has
     one (``elbo-entropy``), else the plain estimator (``elbo-reparam``). Not the
@@ -524,10 +524,15 @@ def _stationarity(key, family, params, target, budget=None):
     the max over K components stays under ~5 for K up to 10^5. A fit that stopped short of the
     optimum (a ridge Adam could not follow) gives a mean gradient many standard errors from zero.
     The draws are the final ELBO's key folded with 1 (different draws). NaN if a gradient is not
-    finite.
+    finite. ``with_draws``: return ``(stationarity, (gw, eps))``, the draws ``eps`` ``(n, dim)``
+    and the target's gradients at them whitened by q's scale, ``gw = Lᵀ∇log p̃(μ + Lε)`` (for
+    ``_spread_gap``), where the family is location-scale and all draws fit one batch, else
+    ``(stationarity, None)``.
     """
     key = jax.random.fold_in(key, 1)
-    if isinstance(family, (FullRank, MeanField)) and params.loc.ndim == 1:
+    location_scale = isinstance(family, (FullRank, MeanField)) and params.loc.ndim == 1
+    scale = jnp.exp(params.log_scale) if isinstance(family, MeanField) else None
+    if location_scale:
         grad, params = _location_scale_gradients(family, params, target)
         draws = family.noise(key, params, _CHECK_DRAWS)  # one sampler call for all draws
     else:
@@ -548,8 +553,8 @@ def _stationarity(key, family, params, target, budget=None):
     while per_batch > 1 and per_batch * size > budget:
         per_batch //= 2
 
-    def moments(inputs):
-        g = grad(params, inputs)
+    def moments(inputs, g=None):
+        g = grad(params, inputs) if g is None else g
         b_mean = tree_map(lambda x: jnp.mean(x, 0), g)
         return b_mean, tree_map(lambda x, m: jnp.sum(jnp.square(x - m[None]), 0), g, b_mean)
 
@@ -564,10 +569,14 @@ def _stationarity(key, family, params, target, budget=None):
         return (total, mean, m2), None
 
     n = _CHECK_DRAWS
+    pair = None
     if per_batch == _CHECK_DRAWS:
         # No loop when all draws fit the budget: a scan and its carry made the program of a
         # d=20 full-rank check twice as slow to compile (0.17-0.23 s vs 0.09 s, measured).
-        mean, m2 = moments(draws)
+        g = grad(params, draws)
+        mean, m2 = moments(draws, g)
+        if location_scale:  # the loc part: Lᵀ∇log p̃ (full-rank), ∇log p̃ (mean-field)
+            pair = (g.loc if scale is None else g.loc * scale, draws)
     else:
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         zeros = tree_map(jnp.zeros_like, params)
@@ -582,7 +591,8 @@ def _stationarity(key, family, params, target, budget=None):
                                                                                    jnp.inf))
         return jnp.max(z)
 
-    return functools.reduce(jnp.maximum, jax.tree_util.tree_leaves(tree_map(z_max, mean, m2)))
+    z = functools.reduce(jnp.maximum, jax.tree_util.tree_leaves(tree_map(z_max, mean, m2)))
+    return (z, pair) if with_draws else z
 
 
 def _location_scale_gradients(family, params, target):
@@ -677,6 +687,69 @@ def _mean_gap(key, family, params, target):
     return Estimate(jnp.where(ok, gap, jnp.nan), jnp.where(ok, jnp.sqrt(var), jnp.nan))
 
 
+# The spread-gap check (``FitResult.spread_gap``) of FullRank and MeanField fits: a slow
+# optimizer (``optax.sgd(1e-4)``, full-rank, N=500, d=20 linear regression) met the plateau
+# test with q's covariance 0.94-1.99 nats of KL from the posterior's while the stationarity
+# check read 5.0-5.7 (its per-draw gradients' noise swamps a scale that is off in every
+# direction a little). With the Hessian's control variate the estimate has no noise at all on a
+# Gaussian target (0.9425 against an exact 0.9426, 1.9858 against 1.986, measured).
+SPREAD_GAP_LIMIT = 0.25
+
+
+def _has_spread_gap(family, dim):
+    """Whether the check computes ``_spread_gap``: FullRank and MeanField q with 4·dim draws or
+    more (the least-squares fit to the draws needs many more draws than dimensions)."""
+    return isinstance(family, (FullRank, MeanField)) and 4 * dim <= _CHECK_DRAWS
+
+
+def _spread_gap(gw, eps, full):
+    """``Estimate`` (nats) of the ELBO that moving q's spread to its optimum would gain, q's
+    mean held, from the stationarity check's draws ``eps`` ``(n, dim)`` and the target's
+    gradients there whitened by q's scale ``L``, ``gw = Lᵀ∇log p̃(μ + Lε)``
+    (``_stationarity(..., with_draws=True)``; ``L = diag(σ)`` for mean-field, ``full`` False):
+    ``½ Σ (λ − 1 − log λ)`` over the eigenvalues λ of ``M = E_q[Lᵀ H(z) L]``
+    (``H = −∇²log p̃``), or over its diagonal for mean-field. At the family's optimum ``M = I``
+    exactly, for any target (the ELBO's stationarity in ``L``: ``(LLᵀ)⁻¹ = E_q[H]``, Opper &
+    Archambeau 2009); for a Gaussian target the gap is exact.
+
+    ``M`` comes from the gradients by Stein's identity, ``E[gw εᵀ] = −M``, estimated as the
+    least-squares fit of ``gw`` to the draws (``gw ≈ a − M̂ε``, which uses ``E[εεᵀ] = I``
+    exactly): no noise at all on a Gaussian target, and no Hessian to compile (a Hessian's
+    control variate added 0.26 s to a first full-rank fit's check, measured). The estimate is
+    debiased by its noise's expected contribution (``¼ Σ var(M̂_ij)``, from the fit's
+    residuals), and ``stderr`` is the delta method's, to second order. NaN where ``M`` is not
+    positive definite (no verdict).
+    """
+    n, dim = eps.shape
+    dtype = eps.dtype
+    gc, ec = gw - jnp.mean(gw, 0), eps - jnp.mean(eps, 0)
+    chol_e = jnp.linalg.cholesky(ec.T @ ec)
+    coef = jax.scipy.linalg.cho_solve((chol_e, True), ec.T @ gc)  # gc ≈ ec @ coef
+    m = -0.5 * (coef + coef.T)
+    resid = gc - ec @ coef
+    # var of M̂_ij ≈ (var r_i + var r_j) / (4n) for the symmetrized coefficient (E[εεᵀ] = I)
+    r_var = jnp.sum(jnp.square(resid), 0) / (n - dim - 1)
+    v = (r_var[:, None] + r_var[None, :]) / (4 * n)
+    if full:
+        # After the draws' own factorization (``_compile.after``: no two LAPACK calls at once).
+        chol = jnp.linalg.cholesky(_compile.after(m, chol_e))
+        gap = 0.5 * (jnp.trace(m) - dim) - jnp.sum(jnp.log(jnp.diagonal(chol)))
+        b = 0.5 * (jnp.eye(dim, dtype=dtype) - jax.scipy.linalg.cho_solve(
+            (chol, True), jnp.eye(dim, dtype=dtype)))
+        ok = jnp.all(jnp.isfinite(chol))
+    else:
+        d = jnp.diagonal(m)
+        v = jnp.diagonal(v)
+        gap = 0.5 * jnp.sum(d - 1 - jnp.log(d))
+        b = jnp.diag(0.5 * (1 - 1 / d))
+        ok = jnp.all(d > 0)
+    noise = 0.25 * jnp.sum(v)
+    # First order: M̂ − M = −sym(Ecᵀ R)/n, so its contraction with b is −Σ_k r_kᵀ b ε_k / n.
+    t = jnp.sum((resid @ b) * ec, 1)
+    var = jnp.var(t, ddof=1) / n + 0.5 * jnp.sum(jnp.square(v)) * 0.25
+    return Estimate(jnp.where(ok, gap - noise, jnp.nan), jnp.where(ok, jnp.sqrt(var), jnp.nan))
+
+
 # The mean's polish (``_polish``): antithetic pairs of draws, and its Newton steps' stopping
 # rule (the decrement, in nats, and a cap).
 _POLISH_PAIRS = 128
@@ -749,7 +822,7 @@ def _polish(res, key, num_elbo_samples):
             jax.tree_util.tree_leaves(params))):
         return res
     final = _final_executables(family, num_elbo_samples, False, k_final, params, target)
-    estimate, parts, stationarity, gap = _finish(final, k_final, params, target)
+    estimate, parts, stationarity, gap, spread = _finish(final, k_final, params, target)
     old = res.mean_gap
     if not gap.mean < old.mean:  # NaN (no verdict at the new mean) keeps the old
         return res
@@ -760,14 +833,16 @@ def _polish(res, key, num_elbo_samples):
                f"its optimum, its spread held (mean_gap {old.mean:.3g} -> {gap.mean:.2g} "
                "nats)")
     return dataclasses.replace(res, posterior=_posterior(parts), params=params, _elbo=e1,
-                               stationarity=stationarity, mean_gap=gap, message=message)
+                               stationarity=stationarity, mean_gap=gap, spread_gap=spread,
+                               message=message)
 
 
-def _polish_many(family, key, params, targets, flagged, estimate, stationarity, gap,
+def _polish_many(family, key, params, targets, flagged, estimate, stationarity, gap, spread,
                  num_elbo_samples):
     """``fit_many``'s ``_polish``: the problems ``flagged`` (a ``(B,)`` mask) polished, each kept
     where its mean gap drops (fresh draws) and its ELBO does not (by 3 standard errors).
-    Returns ``(params, estimate, posterior parts, stationarity, mean gap, kept)``: ``kept`` is
+    Returns ``(params, estimate, posterior parts, stationarity, mean gap, spread gap, kept)``:
+    ``kept`` is
     the mask of the problems polished, ``estimate`` an ``Estimate`` (both sides' are computed),
     and every other problem keeps its values."""
     batch = flagged.shape[0]
@@ -782,16 +857,19 @@ def _polish_many(family, key, params, targets, flagged, estimate, stationarity, 
     moved = flagged & (np.asarray(steps) > 0) & finite
     candidate = _where_problems(moved, new, params)
     final = _final_executables(family, num_elbo_samples, True, k_finals, candidate, targets)
-    estimate2, _, stationarity2, gap2 = _finish(final, k_finals, candidate, targets)
+    estimate2, _, stationarity2, gap2, spread2 = _finish(final, k_finals, candidate, targets)
     e0, e1 = estimate(), estimate2()
     kept = moved & (gap2.mean < gap.mean) & _not_lower(e0, e1)
     params = _where_problems(kept, candidate, params)
 
     def pick(a, b):
+        if b is None:
+            return None
         return Estimate(*(np.where(kept, x, y) for x, y in zip(a, b, strict=True)))
 
     return (params, pick(e1, e0), final[0].result()(params),
-            np.where(kept, stationarity2, stationarity), pick(gap2, gap), kept)
+            np.where(kept, stationarity2, stationarity), pick(gap2, gap), pick(spread2, spread),
+            kept)
 
 
 def _where_problems(mask, a, b):
@@ -811,8 +889,9 @@ def _not_lower(e0, e1):
 
 
 def _gap_flags(gap):
-    """Where a ``_mean_gap`` estimate says the mean stopped short: above ``MEAN_GAP_LIMIT`` and
-    three standard errors."""
+    """Where a ``_mean_gap`` (or ``_spread_gap``) estimate says the mean (or spread) stopped
+    short: above ``MEAN_GAP_LIMIT`` (``SPREAD_GAP_LIMIT``, the same) and three standard
+    errors."""
     if gap is None:
         return False
     mean, se = np.asarray(gap.mean), np.asarray(gap.stderr)
@@ -826,17 +905,21 @@ def _checks(cfg):
 
 
 def _check_fn(family, batched):
-    """``check(key, params, target) -> (stationarity, mean gap or None)``."""
+    """``check(key, params, target) -> (stationarity, mean gap or None, spread gap or
+    None)``."""
 
     def check(key, params, target, budget=None):
-        stationarity = _stationarity(key, family, params, target, budget)
-        gap = None
+        stationarity, pair = _stationarity(key, family, params, target, budget, True)
+        gap = spread = None
+        if pair is not None and _has_spread_gap(family, target.dim):
+            spread = _spread_gap(*pair, isinstance(family, FullRank))
+        last = stationarity if spread is None else spread.mean
         if _has_mean_gap(family, target.dim, budget):
             # After the stationarity, not beside it: each evaluates the target over a batch of
             # draws (``_compile.after``).
-            after = params._replace(loc=_compile.after(params.loc, stationarity))
+            after = params._replace(loc=_compile.after(params.loc, last))
             gap = _mean_gap(key, family, after, target)
-        return stationarity, gap
+        return stationarity, gap, spread
 
     if not batched:
         return check
@@ -844,17 +927,22 @@ def _check_fn(family, batched):
     def many(keys, params, targets):
         # The memory budget is the program's: shared by the problems side by side.
         budget = max(1, _CHECK_BUDGET // keys.shape[0])
-        stationarity = jax.vmap(lambda k, p, t: _stationarity(k, family, p, t, budget))(
-            keys, params, targets)
-        if not _has_mean_gap(family, targets.dim, budget):
-            return stationarity, None
-        after = params._replace(loc=_compile.after(params.loc, stationarity))
+        stationarity, pair = jax.vmap(
+            lambda k, p, t: _stationarity(k, family, p, t, budget, True))(keys, params, targets)
+        gap = spread = None
+        if pair is not None and _has_spread_gap(family, targets.dim):
+            spread = jax.vmap(lambda gw, eps: _spread_gap(gw, eps, isinstance(family, FullRank)))(
+                *pair)
+        last = stationarity if spread is None else spread.mean
         # One problem after another (lax.map): vmapped over the problems, the Hessian of a
         # target that factors a matrix runs independent batched factorizations and solves (its
         # primal's and its tangents'), which can deadlock (``_compile.after``; 2 of 4 fit_many
         # runs of two 120-point GPs hung, found in review).
-        gap = jax.lax.map(lambda a: _mean_gap(a[0], family, a[1], a[2]), (keys, after, targets))
-        return stationarity, gap
+        if _has_mean_gap(family, targets.dim, budget):
+            after = params._replace(loc=_compile.after(params.loc, last))
+            gap = jax.lax.map(lambda a: _mean_gap(a[0], family, a[1], a[2]),
+                              (keys, after, targets))
+        return stationarity, gap, spread
 
     return many
 
@@ -1051,38 +1139,48 @@ def _final_executables(family, num_samples, batched, key, params, target, compil
 
 
 def _finish(final, k_final, params, target):
-    """``(estimate, posterior parts, stationarity, mean gap)`` from ``_final_executables``'
-    futures; the estimate is a ``_PendingEstimate`` (see ``FitResult.elbo``) or ``None``, the
-    stationarity a host float (``fit``), a ``(B,)`` NumPy array (``fit_many``) or ``None``, the
-    mean gap an ``Estimate`` of the same (``_mean_gap``) or ``None``."""
+    """``(estimate, posterior parts, stationarity, mean gap, spread gap)`` from
+    ``_final_executables``' futures; the estimate is a ``_PendingEstimate`` (see
+    ``FitResult.elbo``) or ``None``, the stationarity a host float (``fit``), a ``(B,)`` NumPy
+    array (``fit_many``) or ``None``, the gaps ``Estimate``s of the same (``_mean_gap``,
+    ``_spread_gap``) or ``None``."""
     posterior, estimate, check = final
     parts = posterior.result()(params)
     if estimate is None:
-        return None, parts, None, None
-    stationarity = gap = None
+        return None, parts, None, None, None
+    stationarity = gap = spread = None
     if check is not None:
         run = check.result()
-        stationarity, gap = jax.device_get(run(k_final, params, target))
-        if np.any(stationarity > STATIONARITY_LIMIT) or np.any(_gap_flags(gap)):
+        stationarity, gap, spread = jax.device_get(run(k_final, params, target))
+        if (np.any(stationarity > STATIONARITY_LIMIT) or np.any(_gap_flags(gap))
+                or np.any(_gap_flags(spread))):
             # Confirmed on fresh draws: a per-draw log-scale gradient is skewed (like 1 - ε²),
             # so a t-statistic's tail is heavier than normal; at the optimum one check passes 6
             # with probability ~2e-4 at d=20 and 1.7e-3 at d=200 (measured in review), two in
             # a row about its square, while a fit short of its optimum reads 66-853 twice.
             fresh = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if np.ndim(stationarity)
                      else jax.random.fold_in)
-            again, gap2 = jax.device_get(run(fresh(k_final, 2), params, target))
+            again, gap2, spread2 = jax.device_get(run(fresh(k_final, 2), params, target))
             stationarity = np.minimum(stationarity, again)
-            if gap is not None:  # per problem, the estimate of the two that is lower
-                lower = ~(gap2.mean >= gap.mean)  # NaN (no verdict) wins
-                gap = Estimate(*(np.where(lower, b, a) for a, b in zip(gap, gap2, strict=True)))
+            gap, spread = _lower(gap, gap2), _lower(spread, spread2)
         if np.ndim(stationarity) == 0:
             stationarity = float(stationarity)
-            gap = None if gap is None else Estimate(float(gap.mean), float(gap.stderr))
+            gap, spread = (None if e is None else Estimate(float(e.mean), float(e.stderr))
+                           for e in (gap, spread))
     # On the device now: a NumPy leaf of the target would otherwise get its dtype from the x64
     # mode in force when .elbo is read (not the one the estimate was compiled for), and its
     # values then (a caller may have changed the array in place since).
     pending = _PendingEstimate(estimate, jax.device_put((k_final, params, target)))
-    return pending, parts, stationarity, gap
+    return pending, parts, stationarity, gap, spread
+
+
+def _lower(a, b):
+    """Per problem, the one of two gap ``Estimate``s (or ``None``) that is lower; NaN (no
+    verdict) wins."""
+    if a is None:
+        return None
+    lower = ~(b.mean >= a.mean)
+    return Estimate(*(np.where(lower, y, x) for x, y in zip(a, b, strict=True)))
 
 
 class _PendingEstimate:
@@ -1185,6 +1283,14 @@ class FitResult:
         such a mean by Newton steps (``fit``'s ``precondition``). NaN where that Hessian is not
         positive definite; ``None`` for other families, where d² exceeds the check's memory
         budget (d > 2048 for one problem), or with ``num_elbo_samples=0``.
+      spread_gap: for ``FullRank`` and ``MeanField`` q, an ``Estimate`` in nats of the ELBO
+        that moving q's spread to its optimum would gain, its mean held (``_spread_gap``:
+        ``½ Σ (λ − 1 − log λ)`` over the eigenvalues of q's scale-whitened expected Hessian
+        ``E_q[Lᵀ H L]``, which is the identity at the optimum for any target; exact for a
+        Gaussian target). Above ``SPREAD_GAP_LIMIT`` (0.25 nats, and three standard errors) a
+        converged fit stopped short, and is treated as above: a slow optimizer's plateau
+        (``optax.sgd(1e-4)``, full-rank: 0.94-1.99 nats short, stationarity 5.0-5.7). NaN
+        where that matrix is not positive definite; ``None`` as for ``mean_gap``.
       family, target: what was fitted.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
@@ -1208,6 +1314,7 @@ class FitResult:
     target: Any
     stationarity: Any = None
     mean_gap: Any = None
+    spread_gap: Any = None
     # An Estimate, None, or a _PendingEstimate computing it when first read (see ``elbo``).
     _elbo: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -1611,7 +1718,8 @@ def fit(
     # that check failed too, q's spread may be short as well (kilpisjarvi, mean-field: the
     # polished fit's ELBO was 0.17-0.2 nats below the refit's), so the refit below is tried
     # even if the polished fit passes both checks.
-    stationary = res.stationarity is None or res.stationarity <= STATIONARITY_LIMIT
+    stationary = ((res.stationarity is None or res.stationarity <= STATIONARITY_LIMIT)
+                  and not _gap_flags(res.spread_gap))
     res = _polish(res, jax.random.fold_in(key, 2), num_elbo_samples)
     if stationary and not _stopped_short(res):
         return res
@@ -1652,15 +1760,17 @@ def fit(
 
 def _stopped_short(res):
     """A converged fit whose ELBO gradient is not zero (``FitResult.stationarity``), or whose
-    mean is measurably short of its optimum (``FitResult.mean_gap``)."""
-    return bool(_short_mask(res.status == "converged", res.stationarity, res.mean_gap))
+    mean or spread is measurably short of its optimum (``FitResult.mean_gap``,
+    ``FitResult.spread_gap``)."""
+    return bool(_short_mask(res.status == "converged", res.stationarity, res.mean_gap,
+                            res.spread_gap))
 
 
-def _short_mask(converged, stationarity, gap):
+def _short_mask(converged, stationarity, gap, spread=None):
     """``_stopped_short`` per problem: ``converged`` and the checks (``None`` without them) of
     one fit or of ``fit_many``'s ``(B,)`` problems."""
     by_z = False if stationarity is None else np.asarray(stationarity) > STATIONARITY_LIMIT
-    return np.asarray(converged) & (by_z | _gap_flags(gap))
+    return np.asarray(converged) & (by_z | _gap_flags(gap) | _gap_flags(spread))
 
 
 def _shortfall(res):
@@ -1668,8 +1778,11 @@ def _shortfall(res):
     if res.stationarity is not None and res.stationarity > STATIONARITY_LIMIT:
         return (f"its ELBO gradient {res.stationarity:.3g} standard errors from zero "
                 f"(stationarity > {STATIONARITY_LIMIT:g})")
-    return (f"its mean an estimated {res.mean_gap.mean:.3g} ± {res.mean_gap.stderr:.2g} nats of "
-            f"ELBO short of the optimum (mean_gap > {MEAN_GAP_LIMIT:g})")
+    if _gap_flags(res.mean_gap):
+        return (f"its mean an estimated {res.mean_gap.mean:.3g} ± {res.mean_gap.stderr:.2g} "
+                f"nats of ELBO short of the optimum (mean_gap > {MEAN_GAP_LIMIT:g})")
+    return (f"its spread an estimated {res.spread_gap.mean:.3g} ± {res.spread_gap.stderr:.2g} "
+            f"nats of ELBO short of the optimum (spread_gap > {SPREAD_GAP_LIMIT:g})")
 
 
 def _warn_short(res, hint, stacklevel, more=""):
@@ -1712,7 +1825,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         final = _final_executables(family, num_elbo_samples, False, k_final, params, target,
                                    check=_checks(cfg))
     message = _message(status, step, bad_step, cap, kept_finite)
-    estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, target)
+    estimate, parts, stationarity, mean_gap, spread_gap = _finish(final, k_final, params, target)
     posterior = _posterior(parts)
     # A fit that failed to converge may have met a flat direction (not a fixed-step fit, whose
     # status is always max_steps: its time is measured as a whole in benchmarks/).
@@ -1733,6 +1846,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         target=target,
         stationarity=stationarity,
         mean_gap=mean_gap,
+        spread_gap=spread_gap,
     )
     if warn_short and not quiet and _stopped_short(res):
         from vi_engine import preconditioning as lp
@@ -2253,7 +2367,8 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         message = ("fitted in coordinates whitened by each problem's Laplace approximation: "
                    f"{res.message}")
         if not quiet and np.any((res.status == "nonfinite")
-                                | _short_mask(res.converged, res.stationarity, res.mean_gap)):
+                                | _short_mask(res.converged, res.stationarity, res.mean_gap,
+                                              res.spread_gap)):
             warnings.warn(f"vi.fit_many: {message}", RuntimeWarning, stacklevel=3)
         return dataclasses.replace(res, message=message)
     fixed = tol is None and not progress
@@ -2297,17 +2412,18 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
                         "it)")
         message += (". Hint: lower the step size (optimizer=...), or check the targets' log "
                     "density for overflow")
-    estimate, parts, stationarity, mean_gap = _finish(final, k_final, params, targets)
+    estimate, parts, stationarity, mean_gap, spread_gap = _finish(final, k_final, params,
+                                                                  targets)
     if mean_gap is not None:
         # As in fit: a converged problem short in its mean alone (its stationarity check
         # passed) is polished by Newton steps on its mean (_polish); others are refitted below.
         flagged = ((status == CONVERGED) & _gap_flags(mean_gap)
-                   & (stationarity <= STATIONARITY_LIMIT))
+                   & (stationarity <= STATIONARITY_LIMIT) & ~_gap_flags(spread_gap))
         if flagged.any():
             before = mean_gap
-            params, estimate, parts, stationarity, mean_gap, kept = _polish_many(
+            params, estimate, parts, stationarity, mean_gap, spread_gap, kept = _polish_many(
                 family, jax.random.fold_in(key, 2), params, targets, flagged, estimate,
-                stationarity, mean_gap, num_elbo_samples)
+                stationarity, mean_gap, spread_gap, num_elbo_samples)
             if kept.any():
                 message += (
                     f"; problems {_some(np.flatnonzero(kept))} converged with their means "
@@ -2320,7 +2436,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         # As in fit: the problems still short are refitted from their Laplace approximations.
         from vi_engine import preconditioning as lp
 
-        still = _short_mask(status == CONVERGED, stationarity, mean_gap)
+        still = _short_mask(status == CONVERGED, stationarity, mean_gap, spread_gap)
         if still.any() and lp.supports(family):
             estimate = estimate() if isinstance(estimate, _PendingEstimate) else estimate
             rows, kept, new, no_mode = _refit_many(
@@ -2335,6 +2451,9 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
                 if mean_gap is not None:
                     mean_gap = Estimate(*_put_rows(tuple(mean_gap), acc,
                                                    _take(tuple(new.mean_gap), sel)))
+                if spread_gap is not None and new.spread_gap is not None:
+                    spread_gap = Estimate(*_put_rows(tuple(spread_gap), acc,
+                                                     _take(tuple(new.spread_gap), sel)))
                 # (status stays: these problems were converged, and so are their refits)
                 steps = _put_rows(steps, acc, _take(new.num_steps, sel))
                 losses = _put_losses(losses, acc, _take(new.losses, sel), int(np.max(steps)))
@@ -2355,7 +2474,8 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     if stationarity is not None:
         by_z = (status == CONVERGED) & (stationarity > STATIONARITY_LIMIT)
         by_gap = (status == CONVERGED) & _gap_flags(mean_gap)
-        short = np.flatnonzero(by_z | by_gap)
+        by_spread = (status == CONVERGED) & _gap_flags(spread_gap)
+        short = np.flatnonzero(by_z | by_gap | by_spread)
         why = []
         if by_z.any():
             why.append(f"ELBO gradients up to {np.max(stationarity[by_z]):.3g} standard errors "
@@ -2363,6 +2483,9 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         if by_gap.any():
             why.append(f"means up to an estimated {np.max(mean_gap.mean[by_gap]):.3g} nats of "
                        f"ELBO short of the optimum (mean_gap > {MEAN_GAP_LIMIT:g})")
+        if by_spread.any():
+            why.append(f"spreads up to an estimated {np.max(spread_gap.mean[by_spread]):.3g} "
+                       f"nats of ELBO short of the optimum (spread_gap > {SPREAD_GAP_LIMIT:g})")
     if short.size:
         message += (
             f"; problems {_some(short)} converged short of their family's optimum: "
@@ -2386,4 +2509,5 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         target=targets,
         stationarity=stationarity,
         mean_gap=mean_gap,
+        spread_gap=spread_gap,
     )
