@@ -1290,7 +1290,10 @@ class FitResult:
         Gaussian target). Above ``SPREAD_GAP_LIMIT`` (0.25 nats, and three standard errors) a
         converged fit stopped short, and is treated as above: a slow optimizer's plateau
         (``optax.sgd(1e-4)``, full-rank: 0.94-1.99 nats short, stationarity 5.0-5.7). NaN
-        where that matrix is not positive definite; ``None`` as for ``mean_gap``.
+        where that matrix is not positive definite; ``None`` for other families, for d > 64
+        (the estimate needs 4·d of the check's 256 draws), where the check's draws do not fit
+        one batch of its memory budget (``fit_many``: shared by the problems), or with
+        ``num_elbo_samples=0``.
       family, target: what was fitted.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
