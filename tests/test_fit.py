@@ -467,13 +467,15 @@ def test_spread_gap_is_the_exact_spread_kl_on_a_gaussian_target():
             params = FullRankParams(jnp.asarray(m), jnp.log(jnp.asarray(dg)),
                                     jnp.asarray(lq / dg[None, :] - np.eye(6)))
             check = fit_module._check_fn(vi.FullRank(), False)
-            est = check(jax.random.key(c > 1), params, prob.target)[2]
+            est = fit_module._spread_gap(*check(jax.random.key(c > 1), params, prob.target)[2],
+                                         True)
             lam = np.linalg.eigvalsh(prec @ lq @ lq.T)
             np.testing.assert_allclose(est.mean, 0.5 * np.sum(lam - 1 - np.log(lam)), atol=1e-9)
             var = c**2 / np.diag(prec)
             params = MeanFieldParams(jnp.asarray(m), 0.5 * jnp.log(jnp.asarray(var)))
-            est = fit_module._check_fn(vi.MeanField(), False)(jax.random.key(3), params,
-                                                                prob.target)[2]
+            draws = fit_module._check_fn(vi.MeanField(), False)(jax.random.key(3), params,
+                                                                  prob.target)[2]
+            est = fit_module._spread_gap(*draws, False)
             r = np.diag(prec) * var
             np.testing.assert_allclose(est.mean, 0.5 * np.sum(r - 1 - np.log(r)), atol=1e-9)
             assert est.stderr < 1e-6

@@ -704,7 +704,7 @@ def _has_spread_gap(family, dim):
 
 def _spread_gap(gw, eps, full):
     """``Estimate`` (nats) of the ELBO that moving q's spread to its optimum would gain, q's
-    mean held, from the stationarity check's draws ``eps`` ``(n, dim)`` and the target's
+    mean held, from the stationarity check's draws ``eps`` ``(..., n, dim)`` and the target's
     gradients there whitened by q's scale ``L``, ``gw = Lᵀ∇log p̃(μ + Lε)``
     (``_stationarity(..., with_draws=True)``; ``L = diag(σ)`` for mean-field, ``full`` False):
     ``½ Σ (λ − 1 − log λ)`` over the eigenvalues λ of ``M = E_q[Lᵀ H(z) L]``
@@ -714,40 +714,48 @@ def _spread_gap(gw, eps, full):
 
     ``M`` comes from the gradients by Stein's identity, ``E[gw εᵀ] = −M``, estimated as the
     least-squares fit of ``gw`` to the draws (``gw ≈ a − M̂ε``, which uses ``E[εεᵀ] = I``
-    exactly): no noise at all on a Gaussian target, and no Hessian to compile (a Hessian's
-    control variate added 0.26 s to a first full-rank fit's check, measured). The estimate is
-    debiased by its noise's expected contribution (``¼ Σ var(M̂_ij)``, from the fit's
-    residuals), and ``stderr`` is the delta method's, to second order. NaN where ``M`` is not
-    positive definite (no verdict).
+    exactly): no noise at all on a Gaussian target. The estimate is debiased by its noise's
+    expected contribution (``¼ Σ var(M̂_ij)``, from the fit's residuals), and ``stderr`` is the
+    delta method's, to second order. NaN where ``M`` is not positive definite (no verdict).
+
+    Computed on the host, in float64 NumPy, from the check's draws and gradients (a few d × d
+    products and factorizations): in the compiled check they added 0.08 s to its compilation
+    and 0.03 s to its lowering, which a first fit waits for (0.1 s of its 2.1-2.2 s whole
+    process, measured), and two more LAPACK calls to order (``_compile.after``).
     """
-    n, dim = eps.shape
-    dtype = eps.dtype
-    gc, ec = gw - jnp.mean(gw, 0), eps - jnp.mean(eps, 0)
-    chol_e = jnp.linalg.cholesky(ec.T @ ec)
-    coef = jax.scipy.linalg.cho_solve((chol_e, True), ec.T @ gc)  # gc ≈ ec @ coef
-    m = -0.5 * (coef + coef.T)
+    gw, eps = np.asarray(gw, np.float64), np.asarray(eps, np.float64)
+    n, dim = eps.shape[-2:]
+    gc = gw - gw.mean(-2, keepdims=True)
+    ec = eps - eps.mean(-2, keepdims=True)
+    ect = np.swapaxes(ec, -1, -2)
+    coef = np.linalg.solve(ect @ ec, ect @ gc)  # gc ≈ ec @ coef
+    m = -0.5 * (coef + np.swapaxes(coef, -1, -2))
     resid = gc - ec @ coef
     # var of M̂_ij ≈ (var r_i + var r_j) / (4n) for the symmetrized coefficient (E[εεᵀ] = I)
-    r_var = jnp.sum(jnp.square(resid), 0) / (n - dim - 1)
-    v = (r_var[:, None] + r_var[None, :]) / (4 * n)
-    if full:
-        # After the draws' own factorization (``_compile.after``: no two LAPACK calls at once).
-        chol = jnp.linalg.cholesky(_compile.after(m, chol_e))
-        gap = 0.5 * (jnp.trace(m) - dim) - jnp.sum(jnp.log(jnp.diagonal(chol)))
-        b = 0.5 * (jnp.eye(dim, dtype=dtype) - jax.scipy.linalg.cho_solve(
-            (chol, True), jnp.eye(dim, dtype=dtype)))
-        ok = jnp.all(jnp.isfinite(chol))
-    else:
-        d = jnp.diagonal(m)
-        v = jnp.diagonal(v)
-        gap = 0.5 * jnp.sum(d - 1 - jnp.log(d))
-        b = jnp.diag(0.5 * (1 - 1 / d))
-        ok = jnp.all(d > 0)
-    noise = 0.25 * jnp.sum(v)
-    # First order: M̂ − M = −sym(Ecᵀ R)/n, so its contraction with b is −Σ_k r_kᵀ b ε_k / n.
-    t = jnp.sum((resid @ b) * ec, 1)
-    var = jnp.var(t, ddof=1) / n + 0.5 * jnp.sum(jnp.square(v)) * 0.25
-    return Estimate(jnp.where(ok, gap - noise, jnp.nan), jnp.where(ok, jnp.sqrt(var), jnp.nan))
+    r_var = np.sum(np.square(resid), -2) / (n - dim - 1)
+    v = (r_var[..., :, None] + r_var[..., None, :]) / (4 * n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if full:
+            lam = np.linalg.eigvalsh(m)
+            ok = np.all(lam > 0, -1)
+            lam = np.where(ok[..., None], lam, 1.0)
+            gap = 0.5 * np.sum(lam - 1 - np.log(lam), -1)
+            eye = np.eye(dim)
+            inv = np.linalg.inv(np.where(ok[..., None, None], m, eye))
+            b = 0.5 * (eye - inv)
+        else:
+            d = np.diagonal(m, axis1=-2, axis2=-1)
+            v = np.diagonal(v, axis1=-2, axis2=-1)
+            ok = np.all(d > 0, -1)
+            d = np.where(ok[..., None], d, 1.0)
+            gap = 0.5 * np.sum(d - 1 - np.log(d), -1)
+            b = np.einsum("...i,ij->...ij", 0.5 * (1 - 1 / d), np.eye(dim))
+        noise = 0.25 * np.sum(v, (-2, -1) if full else -1)
+        # First order: M̂ − M = −sym(Ecᵀ R)/n; its contraction with b is −Σ_k r_kᵀ b ε_k / n.
+        t = np.sum((resid @ b) * ec, -1)
+        var = (np.var(t, -1, ddof=1) / n
+               + 0.125 * np.sum(np.square(v), (-2, -1) if full else -1))
+    return Estimate(np.where(ok, gap - noise, np.nan), np.where(ok, np.sqrt(var), np.nan))
 
 
 # The mean's polish (``_polish``): antithetic pairs of draws, and its Newton steps' stopping
@@ -905,21 +913,21 @@ def _checks(cfg):
 
 
 def _check_fn(family, batched):
-    """``check(key, params, target) -> (stationarity, mean gap or None, spread gap or
-    None)``."""
+    """``check(key, params, target) -> (stationarity, mean gap or None, draws or None)``: the
+    draws are ``_spread_gap``'s inputs ``(gw, eps)``, which ``_finish`` computes on the
+    host."""
 
     def check(key, params, target, budget=None):
         stationarity, pair = _stationarity(key, family, params, target, budget, True)
-        gap = spread = None
-        if pair is not None and _has_spread_gap(family, target.dim):
-            spread = _spread_gap(*pair, isinstance(family, FullRank))
-        last = stationarity if spread is None else spread.mean
+        gap = None
+        if not _has_spread_gap(family, target.dim):
+            pair = None
         if _has_mean_gap(family, target.dim, budget):
             # After the stationarity, not beside it: each evaluates the target over a batch of
             # draws (``_compile.after``).
-            after = params._replace(loc=_compile.after(params.loc, last))
+            after = params._replace(loc=_compile.after(params.loc, stationarity))
             gap = _mean_gap(key, family, after, target)
-        return stationarity, gap, spread
+        return stationarity, gap, pair
 
     if not batched:
         return check
@@ -929,20 +937,18 @@ def _check_fn(family, batched):
         budget = max(1, _CHECK_BUDGET // keys.shape[0])
         stationarity, pair = jax.vmap(
             lambda k, p, t: _stationarity(k, family, p, t, budget, True))(keys, params, targets)
-        gap = spread = None
-        if pair is not None and _has_spread_gap(family, targets.dim):
-            spread = jax.vmap(lambda gw, eps: _spread_gap(gw, eps, isinstance(family, FullRank)))(
-                *pair)
-        last = stationarity if spread is None else spread.mean
+        gap = None
+        if not _has_spread_gap(family, targets.dim):
+            pair = None
         # One problem after another (lax.map): vmapped over the problems, the Hessian of a
         # target that factors a matrix runs independent batched factorizations and solves (its
         # primal's and its tangents'), which can deadlock (``_compile.after``; 2 of 4 fit_many
         # runs of two 120-point GPs hung, found in review).
         if _has_mean_gap(family, targets.dim, budget):
-            after = params._replace(loc=_compile.after(params.loc, last))
+            after = params._replace(loc=_compile.after(params.loc, stationarity))
             gap = jax.lax.map(lambda a: _mean_gap(a[0], family, a[1], a[2]),
                               (keys, after, targets))
-        return stationarity, gap, spread
+        return stationarity, gap, pair
 
     return many
 
@@ -1151,7 +1157,9 @@ def _finish(final, k_final, params, target):
     stationarity = gap = spread = None
     if check is not None:
         run = check.result()
-        stationarity, gap, spread = jax.device_get(run(k_final, params, target))
+        full = isinstance(params, FullRankParams)
+        stationarity, gap, pair = jax.device_get(run(k_final, params, target))
+        spread = None if pair is None else _spread_gap(*pair, full)
         if (np.any(stationarity > STATIONARITY_LIMIT) or np.any(_gap_flags(gap))
                 or np.any(_gap_flags(spread))):
             # Confirmed on fresh draws: a per-draw log-scale gradient is skewed (like 1 - ε²),
@@ -1160,7 +1168,8 @@ def _finish(final, k_final, params, target):
             # a row about its square, while a fit short of its optimum reads 66-853 twice.
             fresh = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if np.ndim(stationarity)
                      else jax.random.fold_in)
-            again, gap2, spread2 = jax.device_get(run(fresh(k_final, 2), params, target))
+            again, gap2, pair2 = jax.device_get(run(fresh(k_final, 2), params, target))
+            spread2 = None if pair2 is None else _spread_gap(*pair2, full)
             stationarity = np.minimum(stationarity, again)
             gap, spread = _lower(gap, gap2), _lower(spread, spread2)
         if np.ndim(stationarity) == 0:
