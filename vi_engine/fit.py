@@ -691,15 +691,22 @@ def _mean_gap(key, family, params, target):
 # optimizer (``optax.sgd(1e-4)``, full-rank, N=500, d=20 linear regression) met the plateau
 # test with q's covariance 0.94-1.99 nats of KL from the posterior's while the stationarity
 # check read 5.0-5.7 (its per-draw gradients' noise swamps a scale that is off in every
-# direction a little). With the Hessian's control variate the estimate has no noise at all on a
-# Gaussian target (0.9425 against an exact 0.9426, 1.9858 against 1.986, measured).
+# direction a little). The estimate (a least-squares fit of the gradients to the draws) has no
+# noise at all on a Gaussian target (0.9425 against an exact 0.9426, 1.9858 against 1.986,
+# measured). At exact optima of non-Gaussian targets (review: Student-t products, logistic
+# regressions with their true gap from 200k draws, 300 check keys each) it read under 0.03
+# for d <= 32, but 0.1-0.4 at d = 64 (higher-order terms of log det as the eigenvalues spread),
+# which flagged a default d = 64 logistic fit falsely: hence 8 draws per dimension.
 SPREAD_GAP_LIMIT = 0.25
+_SPREAD_DRAWS_PER_DIM = 8
 
 
 def _has_spread_gap(family, dim):
-    """Whether the check computes ``_spread_gap``: FullRank and MeanField q with 4·dim draws or
-    more (the least-squares fit to the draws needs many more draws than dimensions)."""
-    return isinstance(family, (FullRank, MeanField)) and 4 * dim <= _CHECK_DRAWS
+    """Whether the check computes ``_spread_gap``: FullRank and MeanField q with
+    ``_SPREAD_DRAWS_PER_DIM`` draws per dimension or more (d <= 32: the least-squares fit to
+    the draws needs many more draws than dimensions)."""
+    return (isinstance(family, (FullRank, MeanField))
+            and _SPREAD_DRAWS_PER_DIM * dim <= _CHECK_DRAWS)
 
 
 def _spread_gap(gw, eps, full):
@@ -715,8 +722,10 @@ def _spread_gap(gw, eps, full):
     ``M`` comes from the gradients by Stein's identity, ``E[gw εᵀ] = −M``, estimated as the
     least-squares fit of ``gw`` to the draws (``gw ≈ a − M̂ε``, which uses ``E[εεᵀ] = I``
     exactly): no noise at all on a Gaussian target. The estimate is debiased by its noise's
-    expected contribution (``¼ Σ var(M̂_ij)``, from the fit's residuals), and ``stderr`` is the
-    delta method's, to second order. NaN where ``M`` is not positive definite (no verdict).
+    expected contribution (``¼ Σ var(M̂_ij)``, the least-squares coefficients' variances from
+    the fit's residuals), and ``stderr`` is the delta method's, to second order (its ratio to
+    the estimate's spread over keys measured 0.66-1.06 in review). NaN where ``M`` is not
+    positive definite (no verdict).
 
     Computed on the host, in float64 NumPy, from the check's draws and gradients (a few d × d
     products and factorizations): in the compiled check they added 0.08 s to its compilation
@@ -728,12 +737,17 @@ def _spread_gap(gw, eps, full):
     gc = gw - gw.mean(-2, keepdims=True)
     ec = eps - eps.mean(-2, keepdims=True)
     ect = np.swapaxes(ec, -1, -2)
-    coef = np.linalg.solve(ect @ ec, ect @ gc)  # gc ≈ ec @ coef
+    gram = ect @ ec
+    coef = np.linalg.solve(gram, ect @ gc)  # gc ≈ ec @ coef
     m = -0.5 * (coef + np.swapaxes(coef, -1, -2))
     resid = gc - ec @ coef
-    # var of M̂_ij ≈ (var r_i + var r_j) / (4n) for the symmetrized coefficient (E[εεᵀ] = I)
+    # var(coef_ij) = [(EcᵀEc)⁻¹]_ii r_j (r_j output j's residual variance); M̂_ij averages
+    # coef_ij and coef_ji (independent but on the diagonal, where both are coef_ii).
     r_var = np.sum(np.square(resid), -2) / (n - dim - 1)
-    v = (r_var[..., :, None] + r_var[..., None, :]) / (4 * n)
+    s_in = np.diagonal(np.linalg.inv(gram), axis1=-2, axis2=-1)
+    vc = s_in[..., :, None] * r_var[..., None, :]
+    v = 0.25 * (vc + np.swapaxes(vc, -1, -2))
+    v = v + v * np.eye(dim)  # the diagonal's variance is coef_ii's own, not half of it
     with np.errstate(invalid="ignore", divide="ignore"):
         if full:
             lam = np.linalg.eigvalsh(m)
@@ -1299,8 +1313,8 @@ class FitResult:
         Gaussian target). Above ``SPREAD_GAP_LIMIT`` (0.25 nats, and three standard errors) a
         converged fit stopped short, and is treated as above: a slow optimizer's plateau
         (``optax.sgd(1e-4)``, full-rank: 0.94-1.99 nats short, stationarity 5.0-5.7). NaN
-        where that matrix is not positive definite; ``None`` for other families, for d > 64
-        (the estimate needs 4·d of the check's 256 draws), where the check's draws do not fit
+        where that matrix is not positive definite; ``None`` for other families, for d > 32
+        (the estimate needs 8·d of the check's 256 draws), where the check's draws do not fit
         one batch of its memory budget (``fit_many``: shared by the problems), or with
         ``num_elbo_samples=0``.
       family, target: what was fitted.
@@ -1687,17 +1701,18 @@ def fit(
         correlated posteriors, where Adam's steps cannot follow the ridge (see
         ``vi_engine.preconditioning``); needs a proper mode. Gaussian families only.
         ``"auto"`` (default): fit as usual, and if the fit converged short of its family's
-        optimum (``stationarity`` or ``mean_gap`` above its limit), mend it. A mean-field or
-        low-rank mean short on a ridge (``mean_gap``) first takes Newton steps on q's mean,
-        q's spread held (a second or two; they land on the optimum of a Gaussian target);
-        that is kept if it passes both checks and the stationarity check had passed before.
-        Otherwise refit preconditioned, from the Laplace approximation whatever
-        ``init_params`` (the message says so; ``num_steps`` and ``losses``
-        are then the refit's), its mean polished the same way if it needs it; where that is
-        not possible (no proper mode, a flow), or when the refit does no better, keep the
-        first fit, with a warning if it is still short. With ``"laplace"``, the refit's mean
-        is polished too. ``None`` or ``False``: never. The checks need the ELBO objective and
-        ``num_elbo_samples > 0``; without them there is no check, hence no refit.
+        optimum (``stationarity``, ``mean_gap`` or ``spread_gap`` above its limit), mend
+        it. A mean-field or low-rank mean short on a ridge (``mean_gap``) first takes Newton
+        steps on q's mean, q's spread held (a second or two; they land on the optimum of a
+        Gaussian target); that is kept if it passes the checks and the stationarity and
+        spread checks had passed before. Otherwise refit preconditioned, from the Laplace
+        approximation whatever ``init_params`` (the message says so; ``num_steps`` and
+        ``losses`` are then the refit's), its mean polished the same way if it needs it;
+        where that is not possible (no proper mode, a flow), or when the refit does no
+        better, keep the first fit, with a warning if it is still short. With
+        ``"laplace"``, the refit's mean is polished too. ``None`` or ``False``: never. The
+        checks need the ELBO objective and ``num_elbo_samples > 0``; without them there is
+        no check, hence no refit.
 
     Returns:
       ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
@@ -1729,7 +1744,7 @@ def fit(
     # the rest of q was at its optimum: a converged fit whose stationarity check passed. When
     # that check failed too, q's spread may be short as well (kilpisjarvi, mean-field: the
     # polished fit's ELBO was 0.17-0.2 nats below the refit's), so the refit below is tried
-    # even if the polished fit passes both checks.
+    # even if the polished fit passes the checks; so is it when the spread gap flagged.
     stationary = ((res.stationarity is None or res.stationarity <= STATIONARITY_LIMIT)
                   and not _gap_flags(res.spread_gap))
     res = _polish(res, jax.random.fold_in(key, 2), num_elbo_samples)
@@ -1764,7 +1779,7 @@ def fit(
             return better
         why = (f"did no better ({better.status} after {better.num_steps} steps, ELBO "
                f"{float(e1.mean):.6g} against {float(e0.mean):.6g})")
-    if not _stopped_short(res):  # the polished first fit passes both checks: kept
+    if not _stopped_short(res):  # the polished first fit passes the checks: kept
         return res
     why = f"; a refit in coordinates whitened by the Laplace approximation {why}"
     return _warn_short(res, _HINT_OTHER, stacklevel=2, more=why)
@@ -1800,7 +1815,11 @@ def _shortfall(res):
 def _warn_short(res, hint, stacklevel, more=""):
     """``res`` with its message saying that it stopped short of its family's optimum (and
     ``more``), and a warning of it, whose ``stacklevel`` is as if the caller raised it."""
-    message = res.message + _short_message(_shortfall(res), hint) + more
+    spread_only = not (
+        (res.stationarity is not None and res.stationarity > STATIONARITY_LIMIT)
+        or _gap_flags(res.mean_gap))
+    message = (res.message + _short_message(_shortfall(res), hint,
+                                             _SLOW if spread_only else _RIDGE) + more)
     warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel + 1)
     return dataclasses.replace(res, message=message)
 
@@ -1877,8 +1896,15 @@ _RIDGE = ("as on a ridge Adam's steps cannot follow (a badly scaled or strongly 
           "posterior)")
 
 
-def _short_message(shortfall, hint):
-    return f"; but {shortfall}: the fit stopped short of the family's optimum, {_RIDGE}. {hint}"
+# A spread short while the gradient test and the mean pass: the motivating case was a step size
+# too small to finish (plain SGD at 1e-4), whose slow progress the plateau test took for
+# convergence.
+_SLOW = ("as when the steps are too small to finish (slow progress the plateau test took for "
+         "convergence) or the posterior is badly scaled")
+
+
+def _short_message(shortfall, hint, cause=_RIDGE):
+    return f"; but {shortfall}: the fit stopped short of the family's optimum, {cause}. {hint}"
 
 
 def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_short=True,
@@ -2463,9 +2489,11 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
                 if mean_gap is not None:
                     mean_gap = Estimate(*_put_rows(tuple(mean_gap), acc,
                                                    _take(tuple(new.mean_gap), sel)))
-                if spread_gap is not None and new.spread_gap is not None:
+                if spread_gap is not None:  # (NaN, no verdict, where a refit has none)
+                    fresh = (new.spread_gap if new.spread_gap is not None else
+                             Estimate(*(np.full(np.shape(new.converged), np.nan),) * 2))
                     spread_gap = Estimate(*_put_rows(tuple(spread_gap), acc,
-                                                     _take(tuple(new.spread_gap), sel)))
+                                                     _take(tuple(fresh), sel)))
                 # (status stays: these problems were converged, and so are their refits)
                 steps = _put_rows(steps, acc, _take(new.num_steps, sel))
                 losses = _put_losses(losses, acc, _take(new.losses, sel), int(np.max(steps)))
@@ -2501,7 +2529,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     if short.size:
         message += (
             f"; problems {_some(short)} converged short of their family's optimum: "
-            f"{' and '.join(why)}, {_RIDGE}. {hint}"
+            f"{' and '.join(why)}, {_RIDGE if (by_z | by_gap).any() else _SLOW}. {hint}"
         )
     posterior = _posterior(parts)
     if bad.size:
