@@ -57,7 +57,16 @@ from tqdm.auto import tqdm
 from vi_engine import _compile
 from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family
 from vi_engine.families.gaussian import FullRankParams, MeanFieldParams
-from vi_engine.objectives import ELBO, Estimate, Renyi, _is_real, elbo, get_objective
+from vi_engine.objectives import (
+    ELBO,
+    Estimate,
+    Renyi,
+    _is_int,
+    _is_real,
+    _positive_int,
+    elbo,
+    get_objective,
+)
 from vi_engine.targets import Target, _any_tracer
 
 # Status codes, kept as int32 inside the compiled loop.
@@ -553,14 +562,13 @@ def _stationarity(key, family, params, target, budget=None, with_draws=False):
     while per_batch > 1 and per_batch * size > budget:
         per_batch //= 2
 
-    def moments(inputs, g=None):
-        g = grad(params, inputs) if g is None else g
+    def moments(g):  # of a batch of per-draw gradients
         b_mean = tree_map(lambda x: jnp.mean(x, 0), g)
         return b_mean, tree_map(lambda x, m: jnp.sum(jnp.square(x - m[None]), 0), g, b_mean)
 
     def batch(carry, inputs):  # Chan et al.'s pairwise update of the mean and sum of squares
         n, mean, m2 = carry
-        b_mean, b_m2 = moments(inputs)
+        b_mean, b_m2 = moments(grad(params, inputs))
         total = n + per_batch
         delta = tree_map(jnp.subtract, b_mean, mean)
         mean = tree_map(lambda a, d: a + d * (per_batch / total), mean, delta)
@@ -574,7 +582,7 @@ def _stationarity(key, family, params, target, budget=None, with_draws=False):
         # No loop when all draws fit the budget: a scan and its carry made the program of a
         # d=20 full-rank check twice as slow to compile (0.17-0.23 s vs 0.09 s, measured).
         g = grad(params, draws)
-        mean, m2 = moments(draws, g)
+        mean, m2 = moments(g)
         if location_scale:  # the loc part: Lᵀ∇log p̃ (full-rank), ∇log p̃ (mean-field)
             pair = (g.loc if scale is None else g.loc * scale, draws)
     else:
@@ -864,9 +872,8 @@ def _polish_many(family, key, params, targets, flagged, estimate, stationarity, 
     """``fit_many``'s ``_polish``: the problems ``flagged`` (a ``(B,)`` mask) polished, each kept
     where its mean gap drops (fresh draws) and its ELBO does not (by 3 standard errors).
     Returns ``(params, estimate, posterior parts, stationarity, mean gap, spread gap, kept)``:
-    ``kept`` is
-    the mask of the problems polished, ``estimate`` an ``Estimate`` (both sides' are computed),
-    and every other problem keeps its values."""
+    ``kept`` is the mask of the problems polished, ``estimate`` an ``Estimate`` (both sides' are
+    computed), and every other problem keeps its values."""
     batch = flagged.shape[0]
     k_polish, k_final = jax.random.split(key)
     keys, k_finals = jax.random.split(k_polish, batch), jax.random.split(k_final, batch)
@@ -1442,21 +1449,6 @@ def _some(indices, limit=10):
     return f"{indices[:limit]}{'...' if len(indices) > limit else ''}"
 
 
-def _is_int(x):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _positive_int(name, value, none_ok=False):
-    """``value`` as an int (Python or NumPy integer), else a ValueError naming ``name``."""
-    if value is None and none_ok:
-        return None
-    if not (_is_int(value) and value >= 1):
-        raise ValueError(
-            f"{name}: expected a positive integer{' or None' if none_ok else ''}, got {value!r}"
-        )
-    return int(value)
-
-
 def _check_steps(num_steps, max_steps):
     """Of the public calls: both given is ambiguous (num_steps would win, silently)."""
     if num_steps is not None and max_steps is not None and max_steps != DEFAULT_MAX_STEPS:
@@ -1739,7 +1731,7 @@ def fit(
     res = _fit(target, family, init_params=init_params, warn_short=False, **kwargs)
     if not _stopped_short(res):
         return res
-    first = _shortfall(res)
+    first = _shortfall(res)[0]
     # A mean short on a ridge is polished by Newton steps (``_polish``), which suffices when
     # the rest of q was at its optimum: a converged fit whose stationarity check passed. When
     # that check failed too, q's spread may be short as well (kilpisjarvi, mean-field: the
@@ -1801,25 +1793,22 @@ def _short_mask(converged, stationarity, gap, spread=None):
 
 
 def _shortfall(res):
-    """What says that ``res`` stopped short, as a phrase (``_stopped_short`` is true)."""
+    """``(phrase, cause)``: what says that ``res`` stopped short (``_stopped_short`` is true),
+    and its likely cause, for ``_short_message``."""
     if res.stationarity is not None and res.stationarity > STATIONARITY_LIMIT:
         return (f"its ELBO gradient {res.stationarity:.3g} standard errors from zero "
-                f"(stationarity > {STATIONARITY_LIMIT:g})")
+                f"(stationarity > {STATIONARITY_LIMIT:g})"), _RIDGE
     if _gap_flags(res.mean_gap):
         return (f"its mean an estimated {res.mean_gap.mean:.3g} ± {res.mean_gap.stderr:.2g} "
-                f"nats of ELBO short of the optimum (mean_gap > {MEAN_GAP_LIMIT:g})")
+                f"nats of ELBO short of the optimum (mean_gap > {MEAN_GAP_LIMIT:g})"), _RIDGE
     return (f"its spread an estimated {res.spread_gap.mean:.3g} ± {res.spread_gap.stderr:.2g} "
-            f"nats of ELBO short of the optimum (spread_gap > {SPREAD_GAP_LIMIT:g})")
+            f"nats of ELBO short of the optimum (spread_gap > {SPREAD_GAP_LIMIT:g})"), _SLOW
 
 
 def _warn_short(res, hint, stacklevel, more=""):
     """``res`` with its message saying that it stopped short of its family's optimum (and
     ``more``), and a warning of it, whose ``stacklevel`` is as if the caller raised it."""
-    spread_only = not (
-        (res.stationarity is not None and res.stationarity > STATIONARITY_LIMIT)
-        or _gap_flags(res.mean_gap))
-    message = (res.message + _short_message(_shortfall(res), hint,
-                                             _SLOW if spread_only else _RIDGE) + more)
+    message = res.message + _short_message(*_shortfall(res), hint) + more
     warnings.warn(f"vi.fit: {message}", RuntimeWarning, stacklevel=stacklevel + 1)
     return dataclasses.replace(res, message=message)
 
@@ -1903,7 +1892,7 @@ _SLOW = ("as when the steps are too small to finish (slow progress the plateau t
          "convergence) or the posterior is badly scaled")
 
 
-def _short_message(shortfall, hint, cause=_RIDGE):
+def _short_message(shortfall, cause, hint):
     return f"; but {shortfall}: the fit stopped short of the family's optimum, {cause}. {hint}"
 
 

@@ -81,12 +81,20 @@ def _is_real(x):
             and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
 
 
-def _check_particles(name, value):
-    """``value`` as an int (Python or NumPy integer, not a bool), else a ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or (
-        value < 1
-    ):
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+def _is_int(x):
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _positive_int(name, value, none_ok=False):
+    """``value`` as an int (Python or NumPy integer, not a bool), else a ValueError naming
+    ``name``; ``None`` passes through with ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(
+            f"{name}: expected a positive integer{' or None' if none_ok else ''}, got {value!r}"
+        )
     return int(value)
 
 
@@ -153,7 +161,7 @@ class IWAE:
     def __post_init__(self):
         # A plain int: the objective is part of a compiled fit's static key.
         object.__setattr__(self, "num_particles",
-                           _check_particles("num_particles", self.num_particles))
+                           _positive_int("num_particles", self.num_particles))
 
     def loss(self, params, key, family, target, num_samples):
         lw = log_weights(key, family, params, target, num_samples * self.num_particles)
@@ -197,7 +205,7 @@ class Renyi:
     def __post_init__(self):
         # Plain Python numbers: the objective is part of a compiled fit's static key.
         object.__setattr__(self, "num_particles",
-                           _check_particles("num_particles", self.num_particles))
+                           _positive_int("num_particles", self.num_particles))
         if not _is_real(self.alpha):
             raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
@@ -271,8 +279,8 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     from vi_engine.families import get_family
 
     family = get_family(family)
-    num_samples = _check_particles("num_samples", num_samples)
-    batch_size = _check_particles("batch_size", batch_size)
+    num_samples = _positive_int("num_samples", num_samples)
+    batch_size = _positive_int("batch_size", batch_size)
     lw = _log_weights_batched(key, family, params, target, num_samples, batch_size)
     n = lw.shape[0]
     # ddof=1, as kl_estimate: the unbiased variance of the draws.
