@@ -1138,6 +1138,12 @@ def test_x64_reaches_every_compiled_part():
             results.append(res)
     for res in results:
         assert res.elbo.mean.dtype == jnp.float64
+    # And the reverse: lowered when first read, inside an x64 context, a float32 fit's ELBO
+    # stays the program it was traced as.
+    res32 = vi.fit(target, "meanfield", key=jax.random.key(3), progress=False,
+                   num_elbo_samples=10, num_steps=400)
+    with jax.enable_x64(True):
+        assert res32.elbo.mean.dtype == jnp.float32
 
 
 def test_final_elbo_is_compiled_only_when_read(gauss3):

@@ -1040,10 +1040,11 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype):
 # three programs are needed. One worker thread compiles them in turn: the window first (lowered
 # from the setup's output shapes, so the longest compilation starts at once), then the setup and
 # the posterior, which this thread lowers meanwhile (measured: 0.2 s earlier than compiling the
-# setup first), with the final ELBO (compiled when first read: ``_Deferred``). Measured on 2
-# cores: compiling them concurrently is slower (XLA's compiler already keeps both cores busy:
-# the window took 2.7 s instead of 1.7 s). Tracing and lowering always happen on the calling
-# thread: JAX's context managers (enable_x64, matmul precision, ...) are thread-local, and
+# setup first), with the final ELBO (lowered and compiled when first read: ``_Deferred``).
+# Measured on 2 cores: compiling them concurrently is slower (XLA's compiler already keeps both
+# cores busy: the window took 2.7 s instead of 1.7 s). Tracing and lowering happen on the
+# calling thread (the final ELBO's lowering under the settings it was traced with): JAX's
+# context managers (enable_x64, matmul precision, ...) are thread-local, and
 # numpyro's handler stack is a global list. Threads share the cache: one lowers and compiles a
 # signature, the others wait for its future (``_EXECUTABLES_LOCK`` covers lookup and lowering,
 # not compilation).
@@ -1068,20 +1069,32 @@ def _signature(tag, args):
 
 
 class _Deferred:
-    """A lowered program compiled on the first ``result()`` (once, thread-safe): for programs a
-    caller may never run, such as the final ELBO estimate of a fit whose ``elbo`` is not read.
-    Lowering happened when it was created, under the caller's JAX configuration (x64, ...)."""
+    """A traced program lowered and compiled on the first ``result()`` (once, thread-safe): for
+    programs a caller may never run, such as the final ELBO estimate of a fit whose ``elbo`` is
+    not read. It was traced when created, under the caller's JAX configuration; lowering
+    re-runs some lowering rules in Python (threefry's, for one), so it restores the settings
+    they read. Lowering it at once cost a first fit 0.06-0.09 s of its critical path (measured:
+    linear regression N=500, d=20, whole process 2.06 -> 1.96 s over 8 interleaved rounds)."""
 
-    def __init__(self, lowered, effort):
-        self._lowered, self._effort = lowered, effort
+    def __init__(self, traced, effort):
+        self._traced, self._effort = traced, effort
+        self._settings = (
+            jax.config.jax_enable_x64,
+            jax.config.jax_threefry_partitionable,
+            jax.config.jax_default_matmul_precision,
+        )
         self._executable = None
         self._lock = threading.Lock()
 
     def result(self):
         with self._lock:
             if self._executable is None:  # a failed compilation raises and is retried next time
-                self._executable = _compile.compile_lowered(self._lowered, self._effort)
-                self._lowered = None
+                x64, partitionable, precision = self._settings
+                with (jax.enable_x64(x64), jax.threefry_partitionable(partitionable),
+                      jax.default_matmul_precision(precision), _compile.gc_paused()):
+                    lowered = self._traced.lower()
+                self._executable = _compile.compile_lowered(lowered, self._effort)
+                self._traced = None
             return self._executable
 
     def done(self):
@@ -1095,8 +1108,8 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
     """A future of ``jitted`` compiled for the shapes of ``args``, cached by signature.
 
     Tracing and lowering happen in this thread (see ``_EXECUTABLES``). ``compile_there``:
-    ``False`` compiles now, ``True`` on the worker thread, ``"deferred"`` on first use (see
-    ``_Deferred``). ``effort``: see ``_compile.compile_lowered``; the effort it resolves to is
+    ``False`` compiles now, ``True`` on the worker thread, ``"deferred"`` lowers and compiles
+    on first use (see ``_Deferred``). ``effort``: see ``_compile.compile_lowered``; the effort it resolves to is
     kept as the future's ``effort`` (a NaN replay compiles with the same).
     """
     sig = _signature(tag, args)
@@ -1108,16 +1121,18 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
         if hit is None:
             if len(_EXECUTABLES) > 256:
                 _EXECUTABLES.clear()
-            with _compile.gc_paused():
-                lowered = jitted.lower(*args)
-            if not isinstance(effort, str):
-                effort = _compile.choose(lowered, effort)
-            if compile_there == "deferred":
-                future = _Deferred(lowered, effort)
-            elif compile_there:
-                future = _COMPILER.submit(_compile.compile_lowered, lowered, effort)
-            else:  # compiled below, outside the lock; other threads wait on the future
-                future = compile_here = concurrent.futures.Future()
+            if compile_there == "deferred":  # a fixed effort (str): nothing lowered yet
+                with _compile.gc_paused():
+                    future = _Deferred(jitted.trace(*args), effort)
+            else:
+                with _compile.gc_paused():
+                    lowered = jitted.lower(*args)
+                if not isinstance(effort, str):
+                    effort = _compile.choose(lowered, effort)
+                if compile_there:
+                    future = _COMPILER.submit(_compile.compile_lowered, lowered, effort)
+                else:  # compiled below, outside the lock; other threads wait on the future
+                    future = compile_here = concurrent.futures.Future()
             future.effort = effort
             hit = _EXECUTABLES[sig] = future
     if compile_here is not None:
@@ -1142,8 +1157,9 @@ def _final_executables(family, num_samples, batched, key, params, target, compil
 
     The estimate is a separate program, compiled when ``FitResult.elbo`` is first read: its
     compilation (0.11-0.15 s for a linear regression) was the last thing a first fit waited
-    for, and a caller who only wants the posterior never pays for it. It is lowered now, so it
-    sees the JAX configuration of the fit (x64, matmul precision) wherever it is read.
+    for, and a caller who only wants the posterior never pays for it. It is traced now, so it
+    sees the JAX configuration of the fit (x64, matmul precision) wherever it is read, and
+    lowered then (``_Deferred``).
     """
     posterior = _executable(
         _compiled_final(family), ("final", family), params,
