@@ -481,6 +481,21 @@ def test_spread_gap_is_the_exact_spread_kl_on_a_gaussian_target():
             assert est.stderr < 1e-6
 
 
+def test_a_non_finite_gradient_gives_the_spread_gap_no_verdict():
+    # posteriordb's gp_pois_regr in float32: its Cholesky gives NaN at some of the check's
+    # draws, the fit stops at a NaN step, and the check's LAPACK call raised on the NaN matrix.
+    # Per problem: a finite batch member keeps its estimate.
+    rng = np.random.default_rng(0)
+    eps = rng.standard_normal((2, 64, 3))
+    gw = -eps.copy()  # a standard normal target at q = N(0, I): gap 0
+    gw[1, 5, 2] = np.inf
+    for full in (True, False):
+        est = fit_module._spread_gap(gw, eps, full)
+        assert abs(est.mean[0]) < 1e-9 and np.isnan(est.mean[1]) and np.isnan(est.stderr[1])
+        one = fit_module._spread_gap(gw[1], eps[1], full)
+        assert np.isnan(one.mean) and np.isnan(one.stderr)
+
+
 def test_the_spread_gap_of_a_non_gaussian_fit_at_its_optimum_is_near_zero():
     # A logistic regression posterior (not Gaussian: the estimate has noise and higher-order
     # terms there): a default fit is not flagged, for full-rank and mean-field, and the

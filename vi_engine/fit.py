@@ -733,7 +733,7 @@ def _spread_gap(gw, eps, full):
     expected contribution (``¼ Σ var(M̂_ij)``, the least-squares coefficients' variances from
     the fit's residuals), and ``stderr`` is the delta method's, to second order (its ratio to
     the estimate's spread over keys measured 0.66-1.06 in review). NaN where ``M`` is not
-    positive definite (no verdict).
+    positive definite or a gradient is not finite (no verdict).
 
     Computed on the host, in float64 NumPy, from the check's draws and gradients (a few d × d
     products and factorizations): in the compiled check they added 0.08 s to its compilation
@@ -742,6 +742,11 @@ def _spread_gap(gw, eps, full):
     """
     gw, eps = np.asarray(gw, np.float64), np.asarray(eps, np.float64)
     n, dim = eps.shape[-2:]
+    # A gradient that overflowed at some draw (float32 exp in a Poisson GP, found on
+    # posteriordb's gp_pois_regr): no verdict, as the stationarity gives then (NaN), and not
+    # LAPACK's error on a NaN matrix.
+    finite = np.all(np.isfinite(gw), (-2, -1))
+    gw = np.where(finite[..., None, None], gw, 0.0)
     gc = gw - gw.mean(-2, keepdims=True)
     ec = eps - eps.mean(-2, keepdims=True)
     ect = np.swapaxes(ec, -1, -2)
@@ -777,6 +782,7 @@ def _spread_gap(gw, eps, full):
         t = np.sum((resid @ b) * ec, -1)
         var = (np.var(t, -1, ddof=1) / n
                + 0.125 * np.sum(np.square(v), (-2, -1) if full else -1))
+    ok = ok & finite
     return Estimate(np.where(ok, gap - noise, np.nan), np.where(ok, np.sqrt(var), np.nan))
 
 
