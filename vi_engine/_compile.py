@@ -99,7 +99,9 @@ def gc_paused():
 
 def after(x, dep):
     """``x``, unchanged, but computed after ``dep`` (an array of any shape):
-    ``x + 0 · isnan(Σ dep)``; and in a backward pass, ``dep``'s cotangent after ``x``'s.
+    ``x + 0 · isnan(Σ dep)``; and in a backward pass, ``dep``'s cotangent after ``x``'s. For a
+    floating ``x`` only: an integer or boolean ``x`` is returned as it is (XLA folds ``0 · y``
+    for integers, so no order could be kept).
 
     XLA's CPU runtime runs the independent parts of a program at once, on a pool of one thread
     per core. jaxlib 0.10's batched LAPACK kernels (Cholesky, triangular solve, ...) split a
@@ -128,6 +130,8 @@ def after(x, dep):
     >>> import jax, jax.numpy as jnp
     >>> after(jnp.array([1.0, -2.0]), jnp.array([jnp.nan, 3.0])).tolist()
     [1.0, -2.0]
+    >>> after(jnp.array([True, False]), jnp.zeros(2)).dtype
+    dtype('bool')
     >>> jax.grad(lambda x, d: jnp.sum(after(x, d) * d), argnums=(0, 1))(2.0, 3.0)
     (Array(3., dtype=float32, weak_type=True), Array(2., dtype=float32, weak_type=True))
     """
@@ -152,7 +156,12 @@ def backward_after_forward(y):
 
 
 def _after_value(x, dep):
-    flag = jnp.isnan(jnp.sum(dep)).astype(jnp.result_type(x))
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        # Unordered: XLA folds an integer 0 · y to 0. Only x's dtype is kept (bool + int
+        # promoted to int before).
+        return jnp.asarray(x, dtype)
+    flag = jnp.isnan(jnp.sum(dep)).astype(dtype)
     return x + 0 * flag
 
 
