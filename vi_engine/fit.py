@@ -712,17 +712,28 @@ def _mean_gap(key, family, params, target):
 # 0.1 from one run's 256 draws: not flagged at 0.25 and 3 standard errors). An open verdict
 # (above the limit, within 3 standard errors) is settled on up to _SPREAD_RUNS check runs'
 # draws pooled (``_finish``).
+# Above d = 32 one check run's 256 draws are too few, so runs are pooled up to 8 draws per
+# dimension, up to d = 64 (2 runs). There, a default full-rank fit of a correlated Student-t
+# product (df 4, d = 64) converged reading 0.78-0.89 ± 0.02 (the same at 4,096 draws), and was
+# that short: 20,000-step runs from it at Adam 3e-3 then 1e-3 (16 draws) gained 0.44 and then
+# 0.33 nats of ELBO while it read 0.44 and 0.12. At d = 48-64 a logistic regression (N=1000)
+# read 0.001-0.005, the mean-field fits of that Student-t 0.011-0.024.
 SPREAD_GAP_LIMIT = 0.1
 _SPREAD_DRAWS_PER_DIM = 8
+_SPREAD_MAX_DIM = 64
 _SPREAD_RUNS = 8
 
 
 def _has_spread_gap(family, dim):
-    """Whether the check computes ``_spread_gap``: FullRank and MeanField q with
-    ``_SPREAD_DRAWS_PER_DIM`` draws per dimension or more (d <= 32: the least-squares fit to
-    the draws needs many more draws than dimensions)."""
-    return (isinstance(family, (FullRank, MeanField))
-            and _SPREAD_DRAWS_PER_DIM * dim <= _CHECK_DRAWS)
+    """Whether the check computes ``_spread_gap``'s draws: FullRank and MeanField q with
+    d <= ``_SPREAD_MAX_DIM`` (the least-squares fit to the draws needs many more draws than
+    dimensions: ``_spread_runs``)."""
+    return isinstance(family, (FullRank, MeanField)) and dim <= _SPREAD_MAX_DIM
+
+
+def _spread_runs(dim):
+    """Check runs whose draws are pooled for the spread gap at least: 8 draws per dimension."""
+    return -(-_SPREAD_DRAWS_PER_DIM * dim // _CHECK_DRAWS)
 
 
 def _spread_gap(gw, eps, full):
@@ -1228,29 +1239,36 @@ def _finish(final, k_final, params, target):
         run = check.result()
         full = isinstance(params, FullRankParams)
         stationarity, gap, pair = jax.device_get(run(k_final, params, target))
-        spread = None if pair is None else _spread_gap(*pair, full)
         fresh = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if np.ndim(stationarity)
                  else jax.random.fold_in)
         runs = 1
+
+        def another():  # run i > 1 draws with fold_in(k_final, i): one key per run
+            nonlocal runs
+            runs += 1
+            return jax.device_get(run(fresh(k_final, runs), params, target))
+
+        while pair is not None and runs < _spread_runs(pair[1].shape[-1]):
+            pair = _pooled(pair, another()[2])
+        spread = None if pair is None else _spread_gap(*pair, full)
         if (np.any(stationarity > STATIONARITY_LIMIT) or np.any(_gap_flags(gap))
                 or np.any(_spread_flags(spread))):
             # Confirmed on fresh draws: a per-draw log-scale gradient is skewed (like 1 - ε²),
             # so a t-statistic's tail is heavier than normal; at the optimum one check passes 6
             # with probability ~2e-4 at d=20 and 1.7e-3 at d=200 (measured in review), two in
             # a row about its square, while a fit short of its optimum reads 66-853 twice.
-            # The spread gap, an estimate from all the draws, is taken from both runs' pooled.
-            again, gap2, pair2 = jax.device_get(run(fresh(k_final, 2), params, target))
+            # The spread gap, an estimate from all the draws, is taken from all runs' pooled.
+            again, gap2, pair2 = another()
             stationarity = np.minimum(stationarity, again)
             gap = _lower(gap, gap2)
             if pair is not None:
-                pair, runs = _pooled(pair, pair2), 2
+                pair = _pooled(pair, pair2)
                 spread = _spread_gap(*pair, full)
         # An open verdict (above the limit, within 3 standard errors) is settled on more draws:
         # further runs pooled, up to _SPREAD_RUNS, each problem's estimate kept once settled.
         still = _gap_open(spread)
         while np.any(still) and runs < _SPREAD_RUNS:
-            runs += 1
-            pair = _pooled(pair, jax.device_get(run(fresh(k_final, runs), params, target))[2])
+            pair = _pooled(pair, another()[2])
             pooled = _spread_gap(*pair, full)
             spread = Estimate(*(np.where(still, a, b) for a, b in zip(pooled, spread,
                                                                        strict=True)))
@@ -1389,10 +1407,10 @@ class FitResult:
         (``optax.sgd(1e-4)``, full-rank: 0.94-1.99 nats short, stationarity 5.0-5.7). Where
         one check's draws leave the verdict open (above the limit, within three standard
         errors), more check runs are pooled, up to 8 (2,048 draws). NaN where that matrix is
-        not positive definite or a gradient not finite; ``None`` for other families, for d > 32
-        (the estimate needs 8·d of the check's 256 draws), where the check's draws do not fit
-        one batch of its memory budget (``fit_many``: shared by the problems), or with
-        ``num_elbo_samples=0``.
+        not positive definite or a gradient not finite; ``None`` for other families, for d > 64
+        (the estimate needs 8·d draws: above d = 32, two check runs'), where the check's draws
+        do not fit one batch of its memory budget (``fit_many``: shared by the problems), or
+        with ``num_elbo_samples=0``.
       family, target: what was fitted.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
