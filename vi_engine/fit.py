@@ -717,18 +717,24 @@ def _mean_gap(key, family, params, target):
 # product (df 4, d = 64) converged reading 0.78-0.89 ± 0.02 (the same at 4,096 draws), and was
 # that short: 20,000-step runs from it at Adam 3e-3 then 1e-3 (16 draws) gained 0.44 and then
 # 0.33 nats of ELBO while it read 0.44 and 0.12. At d = 48-64 a logistic regression (N=1000)
-# read 0.001-0.005, the mean-field fits of that Student-t 0.011-0.024.
+# read 0.001-0.005, the mean-field fits of that Student-t 0.011-0.024. Full-rank fits go on to
+# d = 128 (4 runs; the check's memory budget holds all 256 draws' gradients in one batch up to
+# d = 126): at d = 96 that Student-t's default fits read 1.6-1.75 nats short. Mean-field fits
+# stop at d = 64: each of their check runs also takes the mean gap's Hessian.
 SPREAD_GAP_LIMIT = 0.1
 _SPREAD_DRAWS_PER_DIM = 8
 _SPREAD_MAX_DIM = 64
+_SPREAD_MAX_DIM_FULL = 128
 _SPREAD_RUNS = 8
 
 
 def _has_spread_gap(family, dim):
-    """Whether the check computes ``_spread_gap``'s draws: FullRank and MeanField q with
-    d <= ``_SPREAD_MAX_DIM`` (the least-squares fit to the draws needs many more draws than
-    dimensions: ``_spread_runs``)."""
-    return isinstance(family, (FullRank, MeanField)) and dim <= _SPREAD_MAX_DIM
+    """Whether the check computes ``_spread_gap``'s draws: FullRank q with
+    d <= ``_SPREAD_MAX_DIM_FULL``, MeanField q with d <= ``_SPREAD_MAX_DIM`` (the least-squares
+    fit to the draws needs many more draws than dimensions: ``_spread_runs``)."""
+    if isinstance(family, FullRank):
+        return dim <= _SPREAD_MAX_DIM_FULL
+    return isinstance(family, MeanField) and dim <= _SPREAD_MAX_DIM
 
 
 def _spread_runs(dim):
@@ -1407,10 +1413,11 @@ class FitResult:
         (``optax.sgd(1e-4)``, full-rank: 0.94-1.99 nats short, stationarity 5.0-5.7). Where
         one check's draws leave the verdict open (above the limit, within three standard
         errors), more check runs are pooled, up to 8 (2,048 draws). NaN where that matrix is
-        not positive definite or a gradient not finite; ``None`` for other families, for d > 64
-        (the estimate needs 8·d draws: above d = 32, two check runs'), where the check's draws
-        do not fit one batch of its memory budget (``fit_many``: shared by the problems), or
-        with ``num_elbo_samples=0``.
+        not positive definite or a gradient not finite; ``None`` for other families, above
+        d = 128 (full-rank) or 64 (mean-field; the estimate needs 8·d draws: above d = 32,
+        2-4 check runs'), where the check's draws do not fit one batch of its memory budget
+        (full-rank d > 126; ``fit_many``: shared by the problems), or with
+        ``num_elbo_samples=0``.
       family, target: what was fitted.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
