@@ -768,25 +768,29 @@ def _spread_gap(gw, eps, full):
     gw, eps = np.asarray(gw, np.float64), np.asarray(eps, np.float64)
     n, dim = eps.shape[-2:]
     # A gradient that overflowed at some draw (float32 exp in a Poisson GP, found on
-    # posteriordb's gp_pois_regr): no verdict, as the stationarity gives then (NaN), and not
-    # LAPACK's error on a NaN matrix.
-    finite = np.all(np.isfinite(gw), (-2, -1))
-    gw = np.where(finite[..., None, None], gw, 0.0)
-    gc = gw - gw.mean(-2, keepdims=True)
-    ec = eps - eps.mean(-2, keepdims=True)
-    ect = np.swapaxes(ec, -1, -2)
-    gram = ect @ ec
-    coef = np.linalg.solve(gram, ect @ gc)  # gc ≈ ec @ coef
-    m = -0.5 * (coef + np.swapaxes(coef, -1, -2))
-    resid = gc - ec @ coef
-    # var(coef_ij) = [(EcᵀEc)⁻¹]_ii r_j (r_j output j's residual variance); M̂_ij averages
-    # coef_ij and coef_ji (independent but on the diagonal, where both are coef_ii).
-    r_var = np.sum(np.square(resid), -2) / (n - dim - 1)
-    s_in = np.diagonal(np.linalg.inv(gram), axis1=-2, axis2=-1)
-    vc = s_in[..., :, None] * r_var[..., None, :]
-    v = 0.25 * (vc + np.swapaxes(vc, -1, -2))
-    v = v + v * np.eye(dim)  # the diagonal's variance is coef_ii's own, not half of it
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # posteriordb's gp_pois_regr), or so large that the algebra below overflows: no verdict,
+    # as the stationarity gives then (NaN), and not LAPACK's error on a NaN matrix. Per problem.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        finite = np.all(np.isfinite(gw), (-2, -1))
+        gw = np.where(finite[..., None, None], gw, 0.0)
+        gc = gw - gw.mean(-2, keepdims=True)
+        ec = eps - eps.mean(-2, keepdims=True)
+        ect = np.swapaxes(ec, -1, -2)
+        gram = ect @ ec
+        coef = np.linalg.solve(gram, ect @ gc)  # gc ≈ ec @ coef
+        resid = gc - ec @ coef
+        # var(coef_ij) = [(EcᵀEc)⁻¹]_ii r_j (r_j output j's residual variance); M̂_ij averages
+        # coef_ij and coef_ji (independent but on the diagonal, where both are coef_ii).
+        r_var = np.sum(np.square(resid), -2) / (n - dim - 1)
+        finite &= np.all(np.isfinite(coef), (-2, -1)) & np.all(np.isfinite(r_var), -1)
+        coef = np.where(finite[..., None, None], coef, 0.0)
+        resid = np.where(finite[..., None, None], resid, 0.0)
+        r_var = np.where(finite[..., None], r_var, 0.0)
+        m = -0.5 * (coef + np.swapaxes(coef, -1, -2))
+        s_in = np.diagonal(np.linalg.inv(gram), axis1=-2, axis2=-1)
+        vc = s_in[..., :, None] * r_var[..., None, :]
+        v = 0.25 * (vc + np.swapaxes(vc, -1, -2))
+        v = v + v * np.eye(dim)  # the diagonal's variance is coef_ii's own, not half of it
         if full:
             lam = np.linalg.eigvalsh(m)
             ok = np.all(lam > 0, -1)
@@ -948,11 +952,13 @@ def _not_lower(e0, e1):
     return m1 >= m0 - 3 * np.sqrt(np.square(s0) + np.square(s1))
 
 
-def _gap_flags(gap, limit=MEAN_GAP_LIMIT):
+def _gap_flags(gap, limit=None):
     """Where a ``_mean_gap`` (or ``_spread_gap``, with ``SPREAD_GAP_LIMIT``) estimate says the
-    mean (or spread) stopped short: above the limit and three standard errors."""
+    mean (or spread) stopped short: above the limit (``MEAN_GAP_LIMIT`` by default) and three
+    standard errors."""
     if gap is None:
         return False
+    limit = MEAN_GAP_LIMIT if limit is None else limit
     mean, se = np.asarray(gap.mean), np.asarray(gap.stderr)
     return (mean > limit) & (mean > 3 * se)
 
@@ -1091,7 +1097,8 @@ def _compiled_fixed(cfg: _Config, batch, dim, dtype):
 # context managers (enable_x64, matmul precision, ...) are thread-local, and
 # numpyro's handler stack is a global list. Threads share the cache: one lowers and compiles a
 # signature, the others wait for its future (``_EXECUTABLES_LOCK`` covers lookup and lowering,
-# not compilation).
+# not compilation, nor the final ELBO's deferred lowering, which ``_Deferred``'s own lock
+# covers).
 _EXECUTABLES: dict = {}
 _EXECUTABLES_LOCK = threading.RLock()
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vi-compile")
@@ -1104,6 +1111,7 @@ def _signature(tag, args):
         jax.config.jax_default_matmul_precision,
         jax.config.jax_threefry_partitionable,
         jax.config.jax_numpy_dtype_promotion,
+        jax.config.jax_default_device,
         jax.default_backend(),
     )
     return tag, settings, treedef, tuple(map(_leaf_signature, leaves))
@@ -1121,14 +1129,18 @@ class _Deferred:
     """A traced program lowered and compiled on the first ``result()`` (once, thread-safe): for
     programs a caller may never run, such as the final ELBO estimate of a fit whose ``elbo`` is
     not read. It was traced when created, under the caller's JAX configuration; lowering
-    re-runs some lowering rules in Python (threefry's, for one), so it restores the settings
-    they read. Lowering it at once cost a first fit 0.06-0.09 s of its critical path (measured:
-    linear regression N=500, d=20, whole process 2.06 -> 1.96 s over 8 interleaved rounds)."""
+    reads two settings again, so it restores them: x64 (lowering rules that re-trace in Python,
+    threefry's for one, fail on a jaxpr traced with the other) and the default device (which
+    device the program runs on); matmul precision and threefry's partitionability, fixed at
+    trace time on jax 0.10, are restored too in case a later JAX reads them there. Lowering it at
+    once was on a first fit's critical path (0.05-0.09 s on one thread; measured whole process
+    1.49 -> 1.46 s in-process over 12 interleaved rounds)."""
 
     def __init__(self, traced, effort):
         self._traced, self._effort = traced, effort
         self._settings = (
             jax.config.jax_enable_x64,
+            jax.config.jax_default_device,
             jax.config.jax_threefry_partitionable,
             jax.config.jax_default_matmul_precision,
         )
@@ -1138,8 +1150,9 @@ class _Deferred:
     def result(self):
         with self._lock:
             if self._executable is None:  # a failed compilation raises and is retried next time
-                x64, partitionable, precision = self._settings
-                with (jax.enable_x64(x64), jax.threefry_partitionable(partitionable),
+                x64, device, partitionable, precision = self._settings
+                with (jax.enable_x64(x64), jax.default_device(device),
+                      jax.threefry_partitionable(partitionable),
                       jax.default_matmul_precision(precision), _compile.gc_paused()):
                     lowered = self._traced.lower()
                 self._executable = _compile.compile_lowered(lowered, self._effort)
@@ -1170,7 +1183,7 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
         if hit is None:
             if len(_EXECUTABLES) > 256:
                 _EXECUTABLES.clear()
-            if compile_there == "deferred":  # a fixed effort (str): nothing lowered yet
+            if compile_there == "deferred":  # nothing lowered yet: tiers resolve when compiled
                 with _compile.gc_paused():
                     future = _Deferred(jitted.trace(*args), effort)
             else:
@@ -1276,9 +1289,11 @@ def _finish(final, k_final, params, target):
         while np.any(still) and runs < _SPREAD_RUNS:
             pair = _pooled(pair, another()[2])
             pooled = _spread_gap(*pair, full)
-            spread = Estimate(*(np.where(still, a, b) for a, b in zip(pooled, spread,
-                                                                       strict=True)))
-            still = still & _gap_open(pooled)
+            # A run with a non-finite gradient leaves the verdict where it was (not NaN).
+            took = still & np.isfinite(pooled.mean)
+            spread = Estimate(*(np.where(took, a, b) for a, b in zip(pooled, spread,
+                                                                      strict=True)))
+            still = took & _gap_open(pooled)
         if np.ndim(stationarity) == 0:
             stationarity = float(stationarity)
             gap, spread = (None if e is None else Estimate(float(e.mean), float(e.stderr))
