@@ -1118,7 +1118,7 @@ def _signature(tag, args):
 
 
 def _leaf_signature(x):
-    # The dtype object, not its name: str(dtype) was a third of a warm fit's signature cost.
+    # The dtype object, not its name: str(dtype) was most of a signature's cost (20 -> 4.7 us).
     dtype = getattr(x, "dtype", None)
     if dtype is None:  # a Python scalar
         return (), type(x)
@@ -1172,7 +1172,8 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
     Tracing and lowering happen in this thread (see ``_EXECUTABLES``). ``compile_there``:
     ``False`` compiles now, ``True`` on the worker thread, ``"deferred"`` lowers and compiles
     on first use (see ``_Deferred``). ``effort``: see ``_compile.compile_lowered``; the effort
-    it resolves to is kept as the future's ``effort`` (a NaN replay compiles with the same).
+    it resolves to is kept as the future's ``effort`` (a NaN replay compiles with the same;
+    a deferred program keeps the tiers, resolved when it compiles).
     """
     sig = _signature(tag, args)
     compile_here = None
