@@ -510,14 +510,14 @@ def test_an_open_spread_verdict_is_settled_on_pooled_draws():
     m, noise = np.array([1.35, 1.0, 1.12]), np.array([5.0, 0.5, 9.0])
     calls = []
 
-    def draws(key, m, noise):
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    def draws(key, i, m, noise):  # the compiled check folds the run number into the key
+        rng = np.random.default_rng([*np.asarray(jax.random.key_data(key)).ravel(), i])
         eps = rng.standard_normal((n, d))
         return -m * eps + noise * rng.standard_normal((n, d)), eps
 
-    def run(keys, params, target):
-        calls.append(np.asarray(jax.random.key_data(keys)))
-        pairs = [draws(*a) for a in zip(keys, m, noise, strict=True)]
+    def run(keys, params, target, i):
+        calls.append(int(i))
+        pairs = [draws(k, i, *a) for k, *a in zip(keys, m, noise, strict=True)]
         return np.zeros(3), None, tuple(np.stack(x) for x in zip(*pairs, strict=True))
 
     class Ready:  # a compiled program's future
@@ -531,7 +531,7 @@ def test_an_open_spread_verdict_is_settled_on_pooled_draws():
     # such key is taken, so the test does not hang on one random stream).
     for seed in range(20):
         keys = jax.random.split(jax.random.key(seed), 3)
-        first = fit_module._spread_gap(*run(keys, None, None)[2], False)
+        first = fit_module._spread_gap(*run(keys, None, None, 1)[2], False)
         if fit_module._gap_open(first)[:2].tolist() == [True, False]:
             break
     assert not fit_module._spread_flags(first)[:2].any()
@@ -543,9 +543,9 @@ def test_an_open_spread_verdict_is_settled_on_pooled_draws():
     truth = 0.5 * d * (m[0] - 1 - np.log(m[0]))
     assert abs(spread.mean[0] - truth) < 3 * spread.stderr[0]
     assert spread.mean[1] == first.mean[1] and spread.stderr[1] == first.stderr[1]
-    # One key per run, up to the cap.
+    # One key per run (run i folds in i), up to the cap.
+    assert calls == list(range(1, len(calls) + 1))
     assert 2 <= len(calls) <= fit_module._SPREAD_RUNS
-    assert len({c.tobytes() for c in calls}) == len(calls)
     if fit_module._gap_open(spread)[2]:
         assert len(calls) == fit_module._SPREAD_RUNS
 

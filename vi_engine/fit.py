@@ -718,13 +718,13 @@ def _mean_gap(key, family, params, target):
 # that short: 20,000-step runs from it at Adam 3e-3 then 1e-3 (16 draws) gained 0.44 and then
 # 0.33 nats of ELBO while it read 0.44 and 0.12. At d = 48-64 a logistic regression (N=1000)
 # read 0.001-0.005, the mean-field fits of that Student-t 0.011-0.024. Full-rank fits go on to
-# d = 128 (4 runs; the check's memory budget holds all 256 draws' gradients in one batch up to
-# d = 126): at d = 96 that Student-t's default fits read 1.6-1.75 nats short. Mean-field fits
-# stop at d = 64: each of their check runs also takes the mean gap's Hessian.
+# d = 127 (4 runs; as far as the check's memory budget holds all 256 draws' gradients, d² + 2d
+# each, in one batch): at d = 96 that Student-t's default fits read 1.6-1.75 nats short.
+# Mean-field fits stop at d = 64: each of their check runs also takes the mean gap's Hessian.
 SPREAD_GAP_LIMIT = 0.1
 _SPREAD_DRAWS_PER_DIM = 8
 _SPREAD_MAX_DIM = 64
-_SPREAD_MAX_DIM_FULL = 128
+_SPREAD_MAX_DIM_FULL = 127
 _SPREAD_RUNS = 8
 
 
@@ -984,11 +984,14 @@ def _checks(cfg):
 
 
 def _check_fn(family, batched):
-    """``check(key, params, target) -> (stationarity, mean gap or None, draws or None)``: the
-    draws are ``_spread_gap``'s inputs ``(gw, eps)``, which ``_finish`` computes on the
-    host."""
+    """``check(key, params, target, run=None) -> (stationarity, mean gap or None, draws or
+    None)``: the draws are ``_spread_gap``'s inputs ``(gw, eps)``, which ``_finish`` computes
+    on the host. ``run``: ``_finish``'s run number, folded into the key here (an eager
+    ``fold_in`` compiled a program of its own: 0.1 s of a first fit, found in review)."""
 
-    def check(key, params, target, budget=None):
+    def check(key, params, target, run=None, budget=None):
+        if run is not None:
+            key = jax.random.fold_in(key, run)
         stationarity, pair = _stationarity(key, family, params, target, budget, True)
         gap = None
         if not _has_spread_gap(family, target.dim):
@@ -1003,7 +1006,9 @@ def _check_fn(family, batched):
     if not batched:
         return check
 
-    def many(keys, params, targets):
+    def many(keys, params, targets, run=None):
+        if run is not None:
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, run)
         # The memory budget is the program's: shared by the problems side by side.
         budget = max(1, _CHECK_BUDGET // keys.shape[0])
         stationarity, pair = jax.vmap(
@@ -1233,7 +1238,7 @@ def _final_executables(family, num_samples, batched, key, params, target, compil
     if check:
         check = _executable(
             _compiled_check(family, batched), ("check", family, batched),
-            key, params, target, effort=_CHECK_TIERS, compile_there=compile_there,
+            key, params, target, np.int32(1), effort=_CHECK_TIERS, compile_there=compile_there,
         )
     else:
         check = None
@@ -1258,15 +1263,14 @@ def _finish(final, k_final, params, target):
     if check is not None:
         run = check.result()
         full = isinstance(params, FullRankParams)
-        stationarity, gap, pair = jax.device_get(run(k_final, params, target))
-        fresh = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if np.ndim(stationarity)
-                 else jax.random.fold_in)
+        # Run i draws with fold_in(k_final, i): one key per run.
+        stationarity, gap, pair = jax.device_get(run(k_final, params, target, np.int32(1)))
         runs = 1
 
-        def another():  # run i > 1 draws with fold_in(k_final, i): one key per run
+        def another():
             nonlocal runs
             runs += 1
-            return jax.device_get(run(fresh(k_final, runs), params, target))
+            return jax.device_get(run(k_final, params, target, np.int32(runs)))
 
         while pair is not None and runs < _spread_runs(pair[1].shape[-1]):
             pair = _pooled(pair, another()[2])
@@ -1430,10 +1434,9 @@ class FitResult:
         one check's draws leave the verdict open (above the limit, within three standard
         errors), more check runs are pooled, up to 8 (2,048 draws). NaN where that matrix is
         not positive definite or a gradient not finite; ``None`` for other families, above
-        d = 128 (full-rank) or 64 (mean-field; the estimate needs 8·d draws: above d = 32,
+        d = 127 (full-rank) or 64 (mean-field; the estimate needs 8·d draws: above d = 32,
         2-4 check runs'), where the check's draws do not fit one batch of its memory budget
-        (full-rank d > 126; ``fit_many``: shared by the problems), or with
-        ``num_elbo_samples=0``.
+        (``fit_many``: shared by the problems), or with ``num_elbo_samples=0``.
       family, target: what was fitted.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
