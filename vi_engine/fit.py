@@ -768,11 +768,10 @@ def _spread_gap(gw, eps, full):
     gw, eps = np.asarray(gw, np.float64), np.asarray(eps, np.float64)
     n, dim = eps.shape[-2:]
     # A gradient that overflowed at some draw (float32 exp in a Poisson GP, found on
-    # posteriordb's gp_pois_regr), or so large that the algebra below overflows: no verdict,
-    # as the stationarity gives then (NaN), and not LAPACK's error on a NaN matrix. Per problem.
+    # posteriordb's gp_pois_regr), or so large that the algebra below overflows, leaves the
+    # least-squares fit non-finite: no verdict, as the stationarity gives then (NaN), and not
+    # LAPACK's error on a NaN matrix. Per problem.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        finite = np.all(np.isfinite(gw), (-2, -1))
-        gw = np.where(finite[..., None, None], gw, 0.0)
         gc = gw - gw.mean(-2, keepdims=True)
         ec = eps - eps.mean(-2, keepdims=True)
         ect = np.swapaxes(ec, -1, -2)
@@ -782,7 +781,7 @@ def _spread_gap(gw, eps, full):
         # var(coef_ij) = [(EcᵀEc)⁻¹]_ii r_j (r_j output j's residual variance); M̂_ij averages
         # coef_ij and coef_ji (independent but on the diagonal, where both are coef_ii).
         r_var = np.sum(np.square(resid), -2) / (n - dim - 1)
-        finite &= np.all(np.isfinite(coef), (-2, -1)) & np.all(np.isfinite(r_var), -1)
+        finite = np.all(np.isfinite(coef), (-2, -1)) & np.all(np.isfinite(r_var), -1)
         coef = np.where(finite[..., None, None], coef, 0.0)
         resid = np.where(finite[..., None, None], resid, 0.0)
         r_var = np.where(finite[..., None], r_var, 0.0)
