@@ -547,21 +547,24 @@ def _safe_log(x):
     return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), -jnp.inf)
 
 
-def _cat_logs(d):
-    if isinstance(d, CategoricalLogits):
-        return jax.nn.softmax(d.logits, -1), jax.nn.log_softmax(d.logits, -1)
-    return d.probs, _safe_log(d.probs)
-
-
 def _kl_categorical(p, q):
-    pp, lp = _cat_logs(p)
-    _, lq = _cat_logs(q)
-    if pp.shape[-1] != lq.shape[-1]:
+    from vi_engine import measures as m  # lazy: measures sits below kl but may be imported late
+
+    def table(d):
+        if isinstance(d, CategoricalLogits):
+            return m._from_log(d.logits)
+        return m._from_prob(d.probs)
+
+    t, u = table(p), table(q)
+    if t.prob.shape[-1] != u.prob.shape[-1]:
         raise ValueError(
-            f"Categorical KL: number of categories differs: p has {pp.shape[-1]}, "
-            f"q has {lq.shape[-1]}."
+            f"Categorical KL: number of categories differs: p has {t.prob.shape[-1]}, "
+            f"q has {u.prob.shape[-1]}."
         )
-    return jnp.sum(_xlogr(pp, lp, lq), -1)
+    # The tables' generalised KL (accurate for near-identical p and q: measures._kl_terms),
+    # from the probabilities where both are given as such, else from the log-probabilities.
+    both_probs = not isinstance(p, CategoricalLogits) and not isinstance(q, CategoricalLogits)
+    return m._kl(t, u, log_input=not both_probs)
 
 
 for _tp in (CategoricalProbs, CategoricalLogits):

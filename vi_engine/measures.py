@@ -20,7 +20,13 @@ Conventions shared by every function here:
   NaN or ``+inf`` and at least one finite entry per row). Shapes are always checked.
 
 The probability path does not renormalise ``p``: unlike ``scipy.stats.entropy`` it computes
-the formula on the numbers given. Pass ``validate=True`` to catch unnormalised rows.
+the formula on the numbers given. Pass ``validate=True`` to catch unnormalised rows. KL
+divergences (and mutual information, surprise) are computed as the generalised KL
+``sum_k p_k log(p_k / q_k) - p_k + q_k``, equal to KL for tables that sum to 1 but a sum of
+terms that are each ``>= 0``: accurate for near-identical tables (float32 rows a relative 1e-4
+apart: median relative error 6e-8, where ``sum p log(p/q)`` was off by 55% and negative in half
+the rows), and ``>= 0`` even where rounding leaves a row's sum a few ulps off 1. Its gradients
+are the textbook's minus 1 (in ``p``) and plus 1 (in ``q``), the same along the simplex.
 
 References: Cover & Thomas, *Elements of Information Theory* (2nd ed., 2006), ch. 2; Lin (1991),
 "Divergence measures based on the Shannon entropy", IEEE Trans. Inf. Theory 37(1); Endres &
@@ -272,46 +278,99 @@ def _cross_entropy(t: _Table, u: _Table):
     return jnp.where(jnp.any(t.pos & ~u.pos, axis=-1) & ~jnp.isnan(ce), jnp.inf, ce)
 
 
-def _kl(t: _Table, u: _Table):
-    kl = jnp.sum(jnp.where(t.pos, t.prob * (t.logp - u.logp), 0), axis=-1)
-    # A NaN input stays NaN, even where q = 0 would make the result +inf.
+# |r| up to which ``_kl_terms`` sums the series of (1 + r) log(1 + r) - r: at 0.1 the closed form
+# loses at most ~20 ulps to cancellation, and the series' 15 terms leave ~1e-17 relative.
+_SERIES_MAX = 0.1
+
+
+def _g_series(r):
+    """``(1 + r) log(1 + r) - r = sum_{k>=2} (-r)^k / (k (k - 1))`` for ``|r| <= 0.1``."""
+    acc = jnp.zeros_like(r)
+    for k in range(16, 1, -1):
+        acc = acc * r + (-1) ** k / (k * (k - 1))
+    return acc * r * r
+
+
+def _kl_terms(p, q, ell, mask, log_input):
+    """Per entry ``p log(p/q) - p + q``, each ``>= 0``, where ``mask`` (``q > 0``), else 0.
+
+    ``ell = log p - log q`` (from 0-safe logs). The terms of a KL of near-identical tables are
+    ``q r^2 / 2`` (``r = p/q - 1``): ``p ell`` and ``p - q`` cancel to that, leaving only the
+    rounding of ``ell`` (1e-7 absolute in float32, as large as the whole KL at r = 1e-4, which
+    came out negative in half of such rows). So near ``r = 0`` the term is ``q g(r)`` by its
+    series, with ``r`` from the probabilities (or ``expm1(ell)`` on the log path, where the logs
+    are the data). Summed over a pair of normalised tables, the added ``q - p`` are 0.
+    """
+    if log_input:
+        small = mask & (p > 0) & (jnp.abs(ell) <= math.log1p(_SERIES_MAX))
+        r = jnp.expm1(jnp.where(small, ell, 0))
+    else:  # |p - q| <= 0.1 q, without dividing (a gradient through 1/q would overflow)
+        small = mask & (jnp.abs(p - q) <= _SERIES_MAX * q)
+        r = (p - q) / jnp.where(small, q, 1)
+    series = q * _g_series(jnp.where(small, r, 0))
+    closed = p * ell - (p - q)
+    return jnp.where(small, series, jnp.where(mask, closed, 0))
+
+
+def _kl(t: _Table, u: _Table, log_input):
+    """KL(p || q) as the sum of ``_kl_terms`` (the generalised KL, = KL for normalised p, q)."""
+    # NaN in p stays NaN, even where q = 0 would make the result +inf.
+    mask = u.pos | jnp.isnan(t.prob)
+    kl = jnp.sum(_kl_terms(t.prob, u.prob, t.logp - u.logp, mask, log_input), axis=-1)
     return jnp.where(jnp.any(t.pos & ~u.pos, axis=-1) & ~jnp.isnan(kl), jnp.inf, kl)
 
 
-def _midpoint(t: _Table, u: _Table):
-    """m = (p + q) / 2 in log space, safe where either or both are zero."""
-    both = t.pos & u.pos
-    mx = jnp.where(both, jnp.maximum(t.logp, u.logp), jnp.where(t.pos, t.logp, u.logp))
-    a = jnp.where(t.pos, jnp.exp(jnp.where(t.pos, t.logp - mx, 0)), 0)
-    b = jnp.where(u.pos, jnp.exp(jnp.where(u.pos, u.logp - mx, 0)), 0)
-    pos = t.pos | u.pos
-    # log((a + b) / 2) with the max term equal to 1: exactly 0 when p == q, so JSD(p, p) = 0.
-    s = jnp.where(pos, 0.5 * (a + b), 1)
-    logm = jnp.where(pos, mx + jnp.log(s), 0)
-    return _Table(jnp.where(pos, jnp.exp(logm), 0), logm, pos)
+def _jsd(t: _Table, u: _Table, log_input):
+    """JSD as ``sum_k m_k f(d_k) / 2``, ``m = (p + q)/2``, ``d = (p - q)/(p + q)``,
+    ``f(d) = (1 + d) log(1 + d) + (1 - d) log(1 - d) = 2 d atanh(d) + log(1 - d^2)``.
 
-
-def _jsd(t: _Table, u: _Table):
-    m = _midpoint(t, u)
-    # Each KL is finite: m > 0 wherever p > 0 or q > 0.
-    return 0.5 * _kl(t, m) + 0.5 * _kl(u, m)
+    Each term is ``>= 0`` and accurate to a few ulps however close p and q are: ``p - q`` is
+    exact for close p and q, and ``f(d) ~ d^2`` has no cancellation (written as
+    ``p log(p/m) + q log(q/m)``, two ``O(d)`` terms cancel to ``O(d^2)``: JSD of near-identical
+    rows came out 34x too large, and a distance of 7.7e-8 as 0). For ``|d| > 1/2`` that form has
+    no cancellation and is used instead (``atanh`` near 1 reads ``1 - d``, whose rounding it
+    magnifies), zeros included.
+    """
+    both, pos = t.pos & u.pos, t.pos | u.pos
+    if log_input:
+        diff = jnp.where(both, t.logp - u.logp, 0)
+        d = jnp.tanh(0.5 * diff)
+        # log m, stable: the larger log plus log1p of the other's ratio
+        top = jnp.where(both, jnp.maximum(t.logp, u.logp), jnp.where(t.pos, t.logp, u.logp))
+        logm = top + jnp.where(both, jnp.log1p(jnp.exp(-jnp.abs(diff))), 0) - math.log(2)
+    else:
+        total = jnp.where(pos, t.prob + u.prob, 1)
+        d = (t.prob - u.prob) / total
+        logm = jnp.log(0.5 * total)
+    d = jnp.where(both, d, jnp.where(t.pos, 1.0, -1.0))
+    small = jnp.abs(d) <= 0.5
+    d_in = jnp.where(small, d, 0)
+    m = 0.5 * (t.prob + u.prob)
+    near = m * (2 * d_in * jnp.arctanh(d_in) + jnp.log1p(-d_in * d_in))
+    far = (jnp.where(t.pos, t.prob * (t.logp - logm), 0)
+           + jnp.where(u.pos, u.prob * (u.logp - logm), 0))
+    return 0.5 * jnp.sum(jnp.where(pos, jnp.where(small, near, far), 0), axis=-1)
 
 
 def _joint_tables(joint, log_input):
-    """Joint, X-marginal and Y-marginal log tables from ``joint[..., x, y]``."""
+    """The joint table, the X- and Y-marginals' safe logs and the marginals' product
+    ``p(x) p(y)`` from ``joint[..., x, y]``."""
     flat = joint.reshape(joint.shape[:-2] + (-1,))
     if log_input:
         lxy = (flat - _logsumexp(flat, axis=-1)).reshape(joint.shape)
         xy = _from_log(lxy, normalized=False)
         lx = _logsumexp(lxy, axis=-1)  # (..., X, 1)
         ly = _logsumexp(lxy, axis=-2)  # (..., 1, Y)
+        prod = jnp.exp(lx + ly)  # 0 where a marginal is (log 0 = -inf)
     else:
         xy = _from_prob(joint)
-        lx = _from_prob(jnp.sum(xy.prob, axis=-1, keepdims=True)).logp
-        ly = _from_prob(jnp.sum(xy.prob, axis=-2, keepdims=True)).logp
+        px = jnp.sum(xy.prob, axis=-1, keepdims=True)
+        py = jnp.sum(xy.prob, axis=-2, keepdims=True)
+        lx, ly = _from_prob(px).logp, _from_prob(py).logp
+        prod = px * py
     # Only used where p(x, y) > 0, where the marginals are positive too.
     safe = lambda lm: jnp.where(jnp.isfinite(lm), lm, 0)
-    return xy, safe(lx), safe(ly)
+    return xy, safe(lx), safe(ly), prod
 
 
 # One compiled kernel per public call: eager calls dispatch once instead of op by op, and
@@ -334,8 +393,8 @@ def _pair_kernel(p, q, base, *, kind, axes, shape, log_input):
     if kind == "cross_entropy":
         return _in_base(_cross_entropy(t, u), base)
     if kind == "kl":
-        return _in_base(_kl(t, u), base)
-    jsd = _in_base(_jsd(t, u), base)
+        return _in_base(_kl(t, u, log_input), base)
+    jsd = _in_base(_jsd(t, u, log_input), base)
     if kind == "jsd":
         return jsd
     # js distance: sqrt with a zero (sub)gradient at p == q, where rounding may leave JSD <= 0
@@ -346,9 +405,12 @@ def _pair_kernel(p, q, base, *, kind, axes, shape, log_input):
 @partial(jax.jit, static_argnames=("kind", "log_input"))
 def _joint_kernel(joint, base, *, kind, log_input):
     (joint,) = _as_float(joint)
-    xy, lx, ly = _joint_tables(joint, log_input)
-    if kind == "mi":
-        terms = jnp.where(xy.pos, xy.prob * (xy.logp - lx - ly), 0)
+    xy, lx, ly, q = _joint_tables(joint, log_input)
+    if kind == "mi":  # KL(p(x, y) || p(x) p(y)), by _kl_terms: >= 0 for independent tables too
+        ell = jnp.where(xy.pos, xy.logp - lx - ly, 0)
+        # Where p(x, y) = 0 but q > 0 the term is q (p log p = 0); where q underflows to 0 with
+        # p(x, y) > 0 (marginals near 1e-30 in float32), the closed form from the logs.
+        terms = _kl_terms(xy.prob, q, ell, (q > 0) | xy.pos, log_input)
         return _in_base(jnp.sum(terms, axis=(-2, -1)), base)
     terms = jnp.where(xy.pos, xy.prob * (xy.logp - ly), 0)
     return _in_base(0.0 - jnp.sum(terms, axis=(-2, -1)), base)
@@ -438,6 +500,8 @@ def kl_divergence(p, q, axis=-1, base=None, *, log_input=False, validate=False):
     Returns:
       ``(...)``, ``>= 0`` (Gibbs), ``0`` iff ``p == q``. Terms with ``p_k = 0`` are 0;
       ``p_k > 0`` with ``q_k = 0`` makes the result exactly ``+inf`` ("infinite surprise").
+      Computed as ``sum_k p_k log(p_k / q_k) - p_k + q_k`` (module docstring): accurate when
+      ``p`` and ``q`` are close, and for rows that do not sum to 1 this generalised KL.
 
     Example:
       >>> import jax.numpy as jnp
