@@ -297,6 +297,24 @@ def test_normal_pair_is_accurate_when_p_is_close_to_q():
     assert (got >= 0).all()
 
 
+@pytest.mark.parametrize("d,r", [(40, 40), (40, 5), (10, 3)])
+def test_lowrank_pairs_are_accurate_when_p_is_close_to_q(d, r):
+    # float32, D small beside WWᵀ (as in a fitted posterior): Woodbury's subtraction read
+    # KL(q‖q) 2e-4 to 2e-2 and pairs 1e-4 apart off by up to 2700x (found in review); the dense
+    # way for d <= 64 (kl._DENSE_MAX_DIM) keeps them to float32's rounding.
+    rng = np.random.default_rng(d + r)
+    w = rng.standard_normal((d, r)).astype(np.float32)
+    diag = (0.01 * rng.uniform(0.5, 2, d)).astype(np.float32)
+    q = dist.LowRankMultivariateNormal(jnp.zeros(d), w, diag)
+    p = dist.LowRankMultivariateNormal(jnp.asarray(1e-3 * rng.standard_normal(d), jnp.float32),
+                                       jnp.asarray(w * 1.0001), diag)
+    assert abs(float(kl_divergence(q, q))) < 1e-8
+    cov = [np.asarray(x.cov_factor, np.float64) @ np.asarray(x.cov_factor, np.float64).T
+           + np.diag(np.asarray(x.cov_diag, np.float64)) for x in (p, q)]  # the float32 inputs
+    ref = _np_gauss_kl(np.asarray(p.loc, np.float64), cov[0], np.zeros(d), cov[1])
+    np.testing.assert_allclose(float(kl_divergence(p, q)), ref, rtol=5e-3)
+
+
 def test_no_dispatch_ambiguities():
     ambiguities = []
     nkl.kl_divergence.reorder(on_ambiguity=lambda _, amb: ambiguities.extend(amb))
@@ -581,16 +599,17 @@ def test_one_pair_with_a_non_finite_derivative_leaves_the_others_alone():
     assert np.isfinite(float(t[1]))
 
 
-@pytest.mark.parametrize("kinds", [("lowrank", "lowrank"), ("lowrank", "full"),
-                                   ("full", "lowrank"), ("full", "full")])
-def test_gaussian_kl_derivatives_both_modes_to_second_order(kinds):
+@pytest.mark.parametrize("kinds,d", [(("lowrank", "lowrank"), 4), (("lowrank", "full"), 4),
+                                     (("full", "lowrank"), 4), (("full", "full"), 4),
+                                     (("lowrank", "lowrank"), 66), (("full", "lowrank"), 66)])
+def test_gaussian_kl_derivatives_both_modes_to_second_order(kinds, d):
     # The triangular solve has its own JVP rule (one solve in the gradient instead of JAX's
     # two) and the low-rank path orders its backward pass (``_compile.after``): both must
     # leave every derivative as it was, forward and reverse, first and second order, in p's
     # and in q's parameters.
     with jax.enable_x64(True):
         rng = np.random.default_rng(11)
-        d, r = 4, 2
+        r = 2  # d = 4: the dense way; d = 66: Woodbury's (kl._DENSE_MAX_DIM)
 
         def params(kind):
             loc = jnp.asarray(rng.normal(size=(2, d)))
