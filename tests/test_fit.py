@@ -1549,3 +1549,15 @@ def test_progress_bar_does_not_change_the_result(gauss3, impl):
     b = vi.fit(gauss3.target, "meanfield", progress=False, **kw)
     np.testing.assert_allclose(a.params.loc, b.params.loc, rtol=1e-5, atol=1e-6)
     assert fit_module.DEFAULT_TOL > 0
+
+
+def test_a_nonfinite_final_elbo_warns():
+    # A target NaN below z = -2.3 (1% of q's mass here): one step's draw misses it, the final
+    # estimate's 1000 draws do not. Found in review: a converged fit, ELBO NaN, no word.
+    t = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2) + jnp.sum(jnp.log(z + 2.3)), 1)
+    init = vi.MeanField().init(jax.random.key(0), 1)._replace(log_scale=jnp.zeros(1))
+    res = vi.fit(t, "meanfield", key=jax.random.key(0), num_steps=1, tol=None, init_params=init,
+                 progress=False)
+    assert res.status == "max_steps"
+    with pytest.warns(RuntimeWarning, match="final ELBO estimate is nan.*finite on all of R"):
+        assert np.isnan(res.elbo.mean)

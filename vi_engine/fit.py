@@ -1323,6 +1323,23 @@ def _lower(a, b):
     return Estimate(*(np.where(lower, y, x) for x, y in zip(a, b, strict=True)))
 
 
+def _warn_nonfinite_elbo(estimate):
+    """Warn once (when first computed) if the final ELBO estimate is NaN or infinite: a target
+    that is NaN or -inf at some of q's draws, which the fit's one or few draws per step may
+    never have met (found in review: converged, ELBO NaN, no word)."""
+    bad = ~np.isfinite(np.asarray(estimate.mean))
+    if not np.any(bad):
+        return
+    where = "" if bad.ndim == 0 else f" for problems {np.flatnonzero(bad)[:10].tolist()}"
+    warnings.warn(
+        f"FitResult.elbo: the final ELBO estimate is {np.asarray(estimate.mean)[bad].flat[0]}"
+        f"{where}: the target's log density is NaN or infinite at some draws of q, which the "
+        "fit's steps did not meet. A target must be finite on all of R^dim (map constrained "
+        "parameters to R first, e.g. log(z + c) -> a softplus or an exp transform).",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
 class _PendingEstimate:
     """The final ELBO estimate, computed when called (``FitResult.elbo``). Copying or pickling
     it computes it: what is stored is the ``Estimate``, not the compiled program."""
@@ -1469,6 +1486,7 @@ class FitResult:
         if isinstance(value, _PendingEstimate):
             value = value()
             object.__setattr__(self, "_elbo", value)  # computed once (the result is frozen)
+            _warn_nonfinite_elbo(value)
         return value
 
     def __repr__(self):
