@@ -280,3 +280,19 @@ def test_from_numpyro_treedef_jit_and_vmap(reg_data):
     out = jax.vmap(lambda t: t(z))(batch)
     ref = [Target.from_numpyro(regression_model, x, yy)(z) for yy in ys]
     np.testing.assert_allclose(out, ref, rtol=1e-12)
+
+
+def test_float32_data_with_a_cholesky_site_under_x64():
+    # numpyro's Cholesky transforms build their zeros in the default dtype: a float32 test
+    # point (the data's dtype) failed a scatter's dtype check under x64 (found in review).
+    y = np.random.default_rng(0).normal(size=(20, 2)).astype(np.float32)
+
+    def model(y):
+        chol = numpyro.sample("L", dist.LKJCholesky(2, 2.0))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.MultivariateNormal(jnp.zeros(2), scale_tril=chol), obs=y)
+
+    with jax.enable_x64(True):
+        t = Target.from_numpyro(model, y)
+        value = t(jnp.zeros(t.dim))
+        assert value.dtype == jnp.float64 and np.isfinite(value)
