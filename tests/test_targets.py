@@ -296,3 +296,29 @@ def test_float32_data_with_a_cholesky_site_under_x64():
         t = Target.from_numpyro(model, y)
         value = t(jnp.zeros(t.dim))
         assert value.dtype == jnp.float64 and np.isfinite(value)
+
+
+def test_a_model_needing_concrete_data_gets_a_clear_error():
+    # Sizes computed from array arguments cannot be traced (found in review: raw tracer errors
+    # from inside the checks); a NumPy integer passed for them is static, as a Python int is.
+    g, y = np.array([0, 1, 2, 1, 0, 2]), np.linspace(-1.0, 1.0, 6)
+
+    def from_data(g, y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        with numpyro.plate("groups", int(g.max()) + 1):
+            theta = numpyro.sample("theta", dist.Normal(mu, 1.0))
+        numpyro.sample("y", dist.Normal(theta[g], 1.0), obs=y)
+
+    def given(g, y, num_groups):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        with numpyro.plate("groups", num_groups):
+            theta = numpyro.sample("theta", dist.Normal(mu, 1.0))
+        numpyro.sample("y", dist.Normal(theta[g], 1.0), obs=y)
+
+    def unique(g, y):
+        return from_data(g[: len(np.unique(g))], y)
+
+    for model in (from_data, unique):
+        with pytest.raises(ValueError, match="pass them as Python ints"):
+            Target.from_numpyro(model, g, y)
+    assert Target.from_numpyro(given, g, y, np.int64(3)).dim == 4

@@ -127,7 +127,11 @@ def _split_args(args, kwargs):
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     arrays, static = [], []
     for i, leaf in enumerate(leaves):
-        if _is_array(leaf) or _is_tracer(leaf):
+        # A NumPy integer or bool scalar is a size or a flag, as a Python int is: static (a
+        # model's plate size from np.int64(4) failed as a traced value, found in review).
+        if isinstance(leaf, np.generic) and leaf.dtype.kind in "biu":
+            static.append((i, leaf.item()))
+        elif _is_array(leaf) or _is_tracer(leaf):
             arrays.append(leaf)
         else:
             try:
@@ -140,6 +144,22 @@ def _split_args(args, kwargs):
                 ) from None
             static.append((i, leaf))
     return tuple(arrays), tuple(static), len(leaves), treedef
+
+
+_CONVERSION_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                      jax.errors.TracerIntegerConversionError)
+
+
+def _traced_value_error(model_name, err):
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(
+        f"from_numpyro({model_name}): the model turns a traced value into a Python one "
+        "(int(...) or len(np.unique(...)) of an array argument, an `if` on an array or on a "
+        "latent value, ...). vi_engine traces array arguments, as jit does, so that one compiled "
+        "fit serves any data of the same shapes, and latent values are always traced. Compute "
+        "sizes outside the model and pass them as Python ints (static arguments), and use "
+        f"jnp.where instead of `if` on values. JAX said: {type(err).__name__}: {first}"
+    )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -299,9 +319,12 @@ class Target:
         # Abstract evaluation: site shapes and supports without compiling or sampling anything;
         # a model with value-dependent Python control flow falls back to a concrete trace.
         try:
-            jax.eval_shape(inspect, *arrays)
-        except jax.errors.ConcretizationTypeError:
-            inspect(*arrays)
+            try:
+                jax.eval_shape(inspect, *arrays)
+            except jax.errors.ConcretizationTypeError:
+                inspect(*arrays)
+        except _CONVERSION_ERRORS as err:
+            raise _traced_value_error(model_name, err) from None
         latent, deterministic, observed = [], [], []
         for site_name, kind, shape, unc_shape in records:
             if kind == "deterministic":
@@ -321,7 +344,10 @@ class Target:
         dim = sum(s.size for s in latent)
         target = cls(spec, dim, arrays, model_name, spec)
         if not _any_tracer(arrays):
-            _check_numpyro(target)
+            try:
+                _check_numpyro(target)
+            except _CONVERSION_ERRORS as err:
+                raise _traced_value_error(model_name, err) from None
         return target
 
     # --- NumPyro site handling ----------------------------------------------------------------
