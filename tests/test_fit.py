@@ -158,6 +158,24 @@ def test_renyi_bounds_match_the_closed_form_on_both_sides_of_the_evidence(gauss3
         assert got[0] < got[1] < got[2] < want + 0.02 and got[2] > want - 0.1, (alpha, got, want)
 
 
+def test_renyi_bound_tends_to_the_elbo_as_alpha_tends_to_one(gauss3):
+    # L_alpha -> ELBO as alpha -> 1 (Li & Turner, Thm. 1), on the same draws: the mean of the
+    # log weights. The log-sum-exp form lost eps / |1 - alpha| (alpha = 1 - 1e-7: 0.18 for an
+    # ELBO of 1.11, found in review).
+    family = vi.MeanField()
+    params = family.init(None, 3)._replace(loc=gauss3.posterior.loc,
+                                           log_scale=jnp.full(3, jnp.log(1.5)))
+    key, n, k = jax.random.key(2), 50, 100
+    lw = vi.log_weights(key, family, params, gauss3.target, n * k)
+    elbo, var = float(jnp.mean(lw)), float(jnp.var(lw))
+    for alpha in (1 - 1e-4, 1 - 1e-7, 1 + 1e-9, 1 + 1e-4):
+        bound = float(vi.Renyi(alpha=alpha, num_particles=k).loss(params, key, family,
+                                                                 gauss3.target, n)[1])
+        # L_alpha = ELBO - (1 - alpha) var / 2 + O((1 - alpha)^2), within each row of k draws
+        tol = abs(1 - alpha) * var + 1e-5 * abs(elbo)
+        assert abs(bound - elbo) < tol, (alpha, bound, elbo, tol)
+
+
 def test_fit_refuses_a_renyi_bound_above_the_evidence(gauss3):
     # For alpha < 0, L_alpha >= log p(D), equal only at q = p: a fit maximizing it moved q away
     # from the posterior (KL 2.7 -> 464 as the particles grew, in an audit).
