@@ -1579,3 +1579,26 @@ def test_a_nonfinite_final_elbo_warns():
     assert res.status == "max_steps"
     with pytest.warns(RuntimeWarning, match="final ELBO estimate is nan.*finite on all of R"):
         assert np.isnan(res.elbo.mean)
+
+
+def test_elbo_checks_its_arguments(gauss3):
+    # Found in review: batched params without vmap were silently averaged over the problems,
+    # and the wrong family, an int key or a plain function as target gave raw errors.
+    fam = vi.MeanField()
+    params = fam.init(jax.random.key(1), 3)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), params)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"params: expected meanfield parameters for dim 3.*vmap"):
+        vi.elbo(key, fam, stacked, gauss3.target)
+    with pytest.raises(ValueError, match="params: expected fullrank parameters"):
+        vi.elbo(key, vi.FullRank(), params, gauss3.target)
+    with pytest.raises(TypeError, match="key: expected a JAX PRNG key"):
+        vi.elbo(0, fam, params, gauss3.target)
+    with pytest.raises(TypeError, match="target: expected a vi.Target"):
+        vi.elbo(key, fam, params, lambda z: -jnp.sum(z**2))
+    # vmapped over the problems (and keys) it is fine, as is grad under jit
+    keys = jax.random.split(key, 2)
+    out = jax.vmap(lambda k, p: vi.elbo(k, fam, p, gauss3.target, 10).mean)(keys, stacked)
+    assert out.shape == (2,) and np.all(np.isfinite(out))
+    grad = jax.jit(jax.grad(lambda p: vi.elbo(key, fam, p, gauss3.target, 10).mean))(params)
+    assert np.all(np.isfinite(grad.loc))

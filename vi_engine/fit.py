@@ -64,6 +64,9 @@ from vi_engine.objectives import (
     _is_int,
     _is_real,
     _positive_int,
+    check_key,
+    check_params,
+    check_target,
     elbo,
     get_objective,
 )
@@ -1522,7 +1525,7 @@ class FitResult:
         >>> res.sample(jax.random.key(1), 100)["s"].shape
         (100,)
         """
-        _check_key(key)
+        check_key(key)
         num_samples = _positive_int("num_samples", num_samples)
         z = self.posterior.sample(key, (num_samples,))
         if not getattr(self.target, "site_names", ()):
@@ -1548,12 +1551,7 @@ def _fmt(x):
 def _check_common(target, key, tol, num_elbo_samples):
     """Check the arguments fit and fit_many share; returns ``num_elbo_samples`` as an int (a
     NumPy integer would key the cached estimate program as the equal int: one kind only)."""
-    if not (hasattr(target, "log_density") and hasattr(target, "dim")):
-        raise TypeError(
-            f"target: expected a vi.Target (with .log_density and .dim), got "
-            f"{type(target).__name__}; build one with vi.Target.from_log_density(f, dim) or "
-            "vi.Target.from_numpyro(model, *args)"
-        )
+    check_target(target)
     if _any_tracer((target, key)):
         raise TypeError(
             "vi.fit/vi.fit_many: called under a JAX transformation (jit, vmap, grad: the "
@@ -1562,7 +1560,7 @@ def _check_common(target, key, tol, num_elbo_samples):
             "use vi.fit_many (one compiled call), and for a differentiable objective vi.elbo or "
             "an objective's .loss in your own loop."
         )
-    _check_key(key)
+    check_key(key)
     if tol is not None and not (_is_real(tol) and tol >= 0):
         raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
     if not (_is_int(num_elbo_samples) and num_elbo_samples >= 0):
@@ -1610,25 +1608,6 @@ def _check_stopping(rule):
                         int(rule.max_decays), float(rule.z))
 
 
-def _check_key(key):
-    if not (isinstance(key, jax.Array) and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32)
-    )):
-        raise TypeError(
-            f"key: expected a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}"
-        )
-    # One key: fit splits it for initialization, the steps and the final ELBO (and fit_many
-    # for each problem). A raw uint32 key has the default implementation's shape.
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    want = () if typed else jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
-    if key.shape != want:
-        raise ValueError(
-            f"key: expected a single PRNG key ({'shape ()' if typed else f'uint32 {want}'}), "
-            f"got a {'key' if typed else 'uint32'} array of shape {key.shape}; pass one key "
-            "(jax.random.key(0)): it is split internally (for each problem in fit_many)"
-        )
-
-
 def _check_optimizer(optimizer):
     kind = type(optimizer).__module__ or ""
     if optimizer is None or isinstance(optimizer, optax.GradientTransformation) or (
@@ -1656,25 +1635,8 @@ def _check_optimizer(optimizer):
 def _check_init_params(family, init_params, key, dim, dtype, batch=None):
     """``init_params`` must have the structure and shapes of ``family.init(key, dim)`` (with a
     leading ``batch`` axis on every leaf for ``fit_many``)."""
-    if init_params is None:
-        return
-    want = jax.eval_shape(lambda k: family.init(k, dim, dtype), key)
-    if batch is not None:
-        want = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct((batch, *x.shape), x.dtype), want)
-    got_leaves, got_tree = jax.tree_util.tree_flatten(init_params)
-    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
-    if got_tree != want_tree or any(  # same treedef: as many leaves
-        tuple(np.shape(a)) != tuple(b.shape) for a, b in zip(got_leaves, want_leaves, strict=True)
-    ):
-        def shapes(tree):
-            return jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)
-
-        per = "" if batch is None else f", one per problem (a leading axis of {batch})"
-        raise ValueError(
-            f"init_params: expected {family.name} parameters for dim {dim}{per}, shaped "
-            f"{shapes(want)}; got {shapes(init_params)}"
-        )
+    if init_params is not None:
+        check_params("init_params", family, init_params, dim, batch)
 
 
 def _plan(num_steps, tol, progress, rule, max_steps):

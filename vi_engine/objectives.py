@@ -286,10 +286,68 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     family = get_family(family)
     num_samples = _positive_int("num_samples", num_samples)
     batch_size = _positive_int("batch_size", batch_size)
+    check_target(target)
+    check_key(key)
+    check_params("params", family, params, target.dim)
     lw = _log_weights_batched(key, family, params, target, num_samples, batch_size)
     n = lw.shape[0]
     # ddof=1, as kl_estimate: the unbiased variance of the draws.
     return Estimate(jnp.mean(lw), jnp.std(lw, ddof=1 if n > 1 else 0) / math.sqrt(n))
+
+
+def check_target(target):
+    """A TypeError unless ``target`` is a ``vi.Target`` (or has its ``log_density`` and ``dim``)."""
+    if not (hasattr(target, "log_density") and hasattr(target, "dim")):
+        raise TypeError(
+            f"target: expected a vi.Target (with .log_density and .dim), got "
+            f"{type(target).__name__}; build one with vi.Target.from_log_density(f, dim) or "
+            "vi.Target.from_numpyro(model, *args)"
+        )
+
+
+def check_key(key):
+    """A TypeError/ValueError unless ``key`` is one PRNG key (typed, or a raw uint32 key of
+    the default implementation); works on tracers (it reads dtypes and shapes only)."""
+    if not (isinstance(key, jax.Array) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32)
+    )):
+        raise TypeError(
+            f"key: expected a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}"
+        )
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    want = () if typed else jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    if key.shape != want:
+        raise ValueError(
+            f"key: expected a single PRNG key ({'shape ()' if typed else f'uint32 {want}'}), "
+            f"got a {'key' if typed else 'uint32'} array of shape {key.shape}; pass one key "
+            "(jax.random.key(0)), or vmap over a batch of them"
+        )
+
+
+def check_params(name, family, params, dim, batch=None):
+    """A ValueError unless ``params`` have the structure and shapes of ``family.init(key,
+    dim)`` (with a leading ``batch`` axis on every leaf if given). Shapes only: works on
+    tracers, compiles nothing."""
+    want = jax.eval_shape(lambda k: family.init(k, dim), jax.random.key(0))
+    if batch is not None:
+        want = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((batch, *x.shape), x.dtype), want)
+    got_leaves, got_tree = jax.tree_util.tree_flatten(params)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    if got_tree != want_tree or any(  # same treedef: as many leaves
+        tuple(np.shape(a)) != tuple(b.shape) for a, b in zip(got_leaves, want_leaves, strict=True)
+    ):
+        def shapes(tree):
+            return jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)
+
+        per = "" if batch is None else f", one per problem (a leading axis of {batch})"
+        stacked = got_tree == want_tree and all(
+            np.ndim(a) == len(b.shape) + 1 for a, b in zip(got_leaves, want_leaves, strict=True))
+        raise ValueError(
+            f"{name}: expected {family.name} parameters for dim {dim}{per}, shaped "
+            f"{shapes(want)}; got {shapes(params)}"
+            + ("; for a batch of problems, vmap over it" if stacked else "")
+        )
 
 
 def _log_weights_batched(key, family, params, target, num_samples, batch_size):
