@@ -222,6 +222,18 @@ def test_fit_under_a_jax_transformation_is_a_clear_error(gauss3):
     with pytest.raises(TypeError, match="called under a JAX transformation"):
         jax.vmap(fit_at)(jax.random.split(jax.random.key(0), 2))
 
+    # A tracer in the log density's closure, not in its data (found in review: "Computation
+    # compiled for 4 inputs but called with 3"); vi.laplace likewise.
+    def closure(m):
+        t = vi.Target.from_log_density(lambda z: -jnp.sum((z - m) ** 2), 2)
+        return vi.fit(t, "meanfield", key=jax.random.key(0), progress=False).params.loc.sum()
+
+    for transform in (jax.jit, jax.grad):
+        with pytest.raises(TypeError, match="called under a JAX transformation"):
+            transform(closure)(1.0)
+    with pytest.raises(TypeError, match="vi.laplace: called under a JAX transformation"):
+        jax.jit(lambda m: vi.laplace(gauss3.target, init=m).mode)(jnp.zeros(3))
+
 
 def test_optimizers_that_take_the_loss_get_it_and_line_searches_are_refused(gauss3):
     # reduce_on_plateau's update requires value= (a TypeError from optax without it).

@@ -236,5 +236,9 @@ def test_laplace_many_is_each_exact_posterior_and_flags_the_problems_without_a_m
     assert lp.laplace_many(tilted)[1].tolist() == [True, False]
     with pytest.raises(ValueError, match="max_iters: expected a positive integer, got 0"):
         lp.laplace_many(tilted, max_iters=0)
+    # tol = -1 or NaN ran 20 more Newton steps and said converged=False (found in review)
+    for bad in (-1.0, float("nan"), "a"):
+        with pytest.raises(ValueError, match="tol: expected a non-negative finite number"):
+            lp.laplace_many(tilted, tol=bad)
     with pytest.raises(TypeError, match="targets: expected a batched vi.Target"):
         lp.laplace_many(X)

@@ -70,7 +70,7 @@ from vi_engine.objectives import (
     elbo,
     get_objective,
 )
-from vi_engine.targets import Target, _any_tracer
+from vi_engine.targets import Target, _under_transformation
 
 # Status codes, kept as int32 inside the compiled loop.
 RUNNING, CONVERGED, MAX_STEPS, NONFINITE = 0, 1, 2, 3
@@ -1552,10 +1552,11 @@ def _check_common(target, key, tol, num_elbo_samples):
     """Check the arguments fit and fit_many share; returns ``num_elbo_samples`` as an int (a
     NumPy integer would key the cached estimate program as the equal int: one kind only)."""
     check_target(target)
-    if _any_tracer((target, key)):
+    if _under_transformation(target, key):
         raise TypeError(
             "vi.fit/vi.fit_many: called under a JAX transformation (jit, vmap, grad: the "
-            "target's data or the key are tracers). A fit runs its own compiled loop, with "
+            "target's data, a value its log density closes over, or the key are tracers). A fit "
+            "runs its own compiled loop, with "
             "host-side stopping and checks, so it cannot be traced; for many problems or seeds "
             "use vi.fit_many (one compiled call), and for a differentiable objective vi.elbo or "
             "an objective's .loss in your own loop."

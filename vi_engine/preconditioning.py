@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -52,7 +53,7 @@ from numpyro.distributions.util import cholesky_of_inverse
 from vi_engine import _compile
 from vi_engine.families import FullRank, LowRank, MeanField
 from vi_engine.families.gaussian import FullRankParams, LowRankParams, MeanFieldParams
-from vi_engine.targets import Target
+from vi_engine.targets import Target, _under_transformation
 
 
 class Laplace(NamedTuple):
@@ -223,6 +224,13 @@ def laplace(target: Target, *, init=None, max_iters: int = 1000, tol: float | No
     """
     if not isinstance(target, Target):
         raise TypeError(f"target: expected a vi.Target, got {type(target).__name__}")
+    if _under_transformation(target, init):
+        raise TypeError(
+            "vi.laplace: called under a JAX transformation (jit, vmap, grad), or on a target "
+            "or init holding tracers. The mode search runs its own compiled program and "
+            "checks its result on the host, so it cannot be traced; for many targets use "
+            "vi.laplace_many."
+        )
     dtype, tol, settings = _search_settings(max_iters, tol, ftol)
     if init is None:
         z0 = jnp.zeros((target.dim,), dtype)
@@ -262,6 +270,13 @@ def _search_settings(max_iters, tol, ftol):
     of ``laplace`` (see there); a clear error for a bad ``max_iters``."""
     if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 1):
         raise ValueError(f"max_iters: expected a positive integer, got {max_iters!r}")
+    for name, value in (("tol", tol), ("ftol", ftol)):
+        if value is not None and not (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) and value >= 0
+        ):
+            raise ValueError(f"{name}: expected a non-negative finite number or None (the "
+                             f"default), got {value!r}")
     dtype = jnp.result_type(float)
     eps = float(jnp.finfo(dtype).eps)
     tol = (1e-10 if dtype == jnp.float64 else 1e-5) if tol is None else float(tol)

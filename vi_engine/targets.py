@@ -43,6 +43,16 @@ def _any_tracer(tree) -> bool:
     return any(_is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
+def _under_transformation(*trees) -> bool:
+    """Whether a JAX transformation is tracing the caller, or ``trees`` hold tracers: a tracer
+    may also hide in a closure (a log density over a traced value), which no leaf shows."""
+    try:
+        from jax._src.core import trace_state_clean  # no public equivalent in jax 0.10
+    except ImportError:  # pragma: no cover - a later JAX: the leaves still tell
+        return _any_tracer(trees)
+    return not trace_state_clean() or _any_tracer(trees)
+
+
 def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
