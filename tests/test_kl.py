@@ -801,6 +801,10 @@ def test_streaming_surprise_errors():
             streaming_surprise(prior, obs)
     with pytest.raises(ValueError, match="finite Normal observations"):
         streaming_surprise(dist.Normal(0.0, 1.0), jnp.array([0.0, jnp.nan]), obs_scale=1.0)
+    # 0 or NaN gave NaN surprises, -1 was squared into a variance (found in review)
+    for bad in (0.0, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="obs_scale must be positive and finite"):
+            streaming_surprise(dist.Normal(0.0, 1.0), jnp.zeros(3), obs_scale=bad)
 
 
 def test_poisson_pair_gradient_is_finite_at_rate_zero():

@@ -834,6 +834,14 @@ def streaming_surprise(prior, observations, *, obs_scale=None, base=None,
         obs_batch = obs.shape[1:]
     if isinstance(prior, Normal) and obs_scale is None:
         raise ValueError("streaming_surprise: a Normal prior needs the known `obs_scale=` σ.")
+    if obs_scale is not None and not isinstance(obs_scale, jax.core.Tracer):
+        scale = np.asarray(obs_scale)
+        if scale.dtype.kind not in "iuf" or not np.all(np.isfinite(scale) & (scale > 0)):
+            # 0 or NaN gave NaN surprises; a negative one was squared into a valid variance
+            raise ValueError(
+                f"streaming_surprise: obs_scale must be positive and finite (the known "
+                f"observation noise σ); got {obs_scale!r}."
+            )
     try:
         batch = lax.broadcast_shapes(prior.batch_shape, obs_batch)
     except ValueError as e:

@@ -581,6 +581,13 @@ def _check_value(target: Target, value, what: str) -> None:
             f"({target.dim},); at z = zeros({target.dim}) it returned shape {shape} "
             f"(dtype {jnp.result_type(value)}). Sum over data points / dimensions inside it."
         )
+    if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+        # grad needs a real float: a complex, int or bool value failed later, inside the fit
+        raise TypeError(
+            f"Target {target.name!r}: {what} must return a real floating-point scalar; at "
+            f"z = zeros({target.dim}) it returned dtype {jnp.result_type(value)} (value "
+            f"{np.asarray(value)!r}). Return log p̃(z) as a float (jnp.real, .astype(float))."
+        )
     if not np.isfinite(np.asarray(value)):
         raise ValueError(
             f"Target {target.name!r}: {what} is not finite at the test point "
