@@ -250,3 +250,28 @@ def test_eq5_elbo_is_log_evidence_minus_kl(problems, name):
     elbo, kl = w.mean(), log_ratio.mean()
     se = np.sqrt(w.var() / S + log_ratio.var() / S)
     assert abs(elbo - (p.log_evidence - kl)) < 4 * se, (elbo, p.log_evidence - kl, se)
+
+
+def test_bad_hyperparameters_and_counts_are_named():
+    # Found in review: numpyro's error about another parameter ("invalid loc"), an empty
+    # NotImplementedError, or a non-finite density at z = 0, none naming the argument.
+    y = jnp.ones(3)
+    cases = [
+        (lambda: exact.normal_mean(y, prior_scale=0.0), "normal_mean: prior_scale must be pos"),
+        (lambda: exact.normal_mean(y, noise_scale=float("nan")), "noise_scale must be positive"),
+        (lambda: exact.normal_mean(y, prior_loc=float("inf")), "prior_loc has 1 NaN/inf"),
+        (lambda: exact.linear_regression(jnp.ones((3, 2)), y, prior_scale=-1.0),
+         "linear_regression: prior_scale must be positive"),
+        (lambda: exact.beta_binomial(jnp.array([5, 3]), jnp.array([3, 3])),
+         r"successes must not exceed trials; got successes\[0\] = 5 > trials\[0\] = 3"),
+        (lambda: exact.beta_binomial(jnp.array([1, 2]), jnp.array([3, 3]), a=0.0),
+         "beta_binomial: a must be positive"),
+        (lambda: exact.gamma_poisson(jnp.array([1.5, 2.0])), "counts must hold counts"),
+        (lambda: exact.gamma_poisson(jnp.array([-1, 2])), "counts must hold counts"),
+        (lambda: exact.dirichlet_categorical(jnp.array([3.0]), 1.0), "K >= 2 categories"),
+        (lambda: exact.dirichlet_categorical(jnp.array([3.0, 1.0]), 0.0),
+         "alpha must be positive"),
+    ]
+    for make, match in cases:
+        with pytest.raises(ValueError, match=match):
+            make()

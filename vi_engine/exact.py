@@ -37,7 +37,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import cholesky_of_inverse
 
-from vi_engine.targets import Target
+from vi_engine.targets import Target, _any_tracer
 
 __all__ = [
     "ExactProblem",
@@ -97,6 +97,33 @@ def _check_finite(name, x):
         )
 
 
+def _positive(fn, **named):
+    """A ValueError naming the argument unless each is positive and finite (when concrete):
+    a zero, negative or NaN scale or concentration surfaced as numpyro's error about another
+    parameter, or as a non-finite density at z = 0 (found in review)."""
+    for name, x in named.items():
+        if isinstance(x, jax.core.Tracer):
+            continue
+        a = np.asarray(x, np.float64)
+        if not np.all(np.isfinite(a) & (a > 0)):
+            raise ValueError(f"{fn}: {name} must be positive and finite; got {_show(a)}.")
+
+
+def _counts(fn, **named):
+    """A ValueError naming the argument unless each holds non-negative whole numbers."""
+    for name, x in named.items():
+        if isinstance(x, jax.core.Tracer):
+            continue
+        a = np.asarray(x, np.float64)
+        if not np.all((a >= 0) & (a == np.round(a))):
+            raise ValueError(f"{fn}: {name} must hold counts (whole numbers >= 0); got "
+                             f"{_show(a)}.")
+
+
+def _show(a):
+    return repr(a.item()) if a.size == 1 else np.array2string(a.ravel(), threshold=8)
+
+
 def _as(x, dtype, name, ndim=None):
     x = jnp.asarray(x, dtype)
     if ndim is not None and x.ndim != ndim:
@@ -133,6 +160,8 @@ def normal_mean(y, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0) -> ExactProb
     """
     dtype = _dtype(y, prior_loc, prior_scale, noise_scale)
     y = _as(y, dtype, "y", ndim=1)
+    _check_finite("normal_mean: prior_loc", prior_loc)
+    _positive("normal_mean", prior_scale=prior_scale, noise_scale=noise_scale)
     m0, s0, sigma = (jnp.asarray(v, dtype) for v in (prior_loc, prior_scale, noise_scale))
     post_loc, post_scale, log_ev = _normal_mean_solve(y, m0, s0, sigma)
     post = dist.Normal(post_loc, post_scale).to_event(1)
@@ -208,6 +237,7 @@ def linear_regression(X, y, prior_scale=1.0, noise_scale=1.0) -> ExactProblem:
         raise ValueError(
             f"linear_regression: X has {X.shape[0]} rows but y has {y.shape[0]} entries."
         )
+    _positive("linear_regression", prior_scale=prior_scale, noise_scale=noise_scale)
     s0 = jnp.asarray(prior_scale, dtype)
     sigma = jnp.asarray(noise_scale, dtype)
     m, scale_tril, log_ev = _linreg_solve(X, y, s0, sigma)
@@ -373,6 +403,12 @@ def beta_binomial(successes, trials, a=1.0, b=1.0) -> ExactProblem:
     n = _as(trials, dtype, "trials", ndim=1)
     if k.shape != n.shape:
         raise ValueError(f"beta_binomial: successes {k.shape} and trials {n.shape} differ.")
+    _positive("beta_binomial", a=a, b=b)
+    _counts("beta_binomial", successes=k, trials=n)
+    if not _any_tracer((k, n)) and bool(jnp.any(k > n)):
+        i = int(jnp.argmax(k > n))
+        raise ValueError(f"beta_binomial: successes must not exceed trials; got successes[{i}] "
+                         f"= {float(k[i]):g} > trials[{i}] = {float(n[i]):g}.")
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     a_post, b_post, log_ev = _beta_binomial_solve(k, n, a, b)
     post = _unconstrained_posterior(dist.Beta(a_post, b_post), constraints.unit_interval)
@@ -433,6 +469,8 @@ def gamma_poisson(counts, a=1.0, b=1.0) -> ExactProblem:
     """
     dtype = _dtype(a, b)
     c = _as(counts, dtype, "counts", ndim=1)
+    _positive("gamma_poisson", a=a, b=b)
+    _counts("gamma_poisson", counts=c)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     a_post, b_post, log_ev = _gamma_poisson_solve(c, a, b)
     post = _unconstrained_posterior(dist.Gamma(a_post, b_post), constraints.positive)
@@ -501,7 +539,11 @@ def dirichlet_categorical(counts, alpha) -> ExactProblem:
             f"dirichlet_categorical: alpha must be a scalar or have the shape of counts "
             f"{c.shape} (one per category); got {alpha.shape}."
         )
+    if c.shape[0] < 2:
+        raise ValueError(f"dirichlet_categorical: counts must have K >= 2 categories (a "
+                         f"simplex of one category is a point); got shape {c.shape}.")
     alpha = jnp.broadcast_to(alpha, c.shape)
+    _positive("dirichlet_categorical", alpha=alpha)
     if not isinstance(c, jax.core.Tracer) and bool(jnp.any(c < 0)):
         raise ValueError(f"dirichlet_categorical: counts must be >= 0; got {c}.")
     log_ev = _dirichlet_categorical_solve(c, alpha)
