@@ -1614,3 +1614,11 @@ def test_elbo_checks_its_arguments(gauss3):
     assert out.shape == (2,) and np.all(np.isfinite(out))
     grad = jax.jit(jax.grad(lambda p: vi.elbo(key, fam, p, gauss3.target, 10).mean))(params)
     assert np.all(np.isfinite(grad.loc))
+
+
+def test_fit_many_of_no_problems_is_a_clear_error():
+    def make(m):
+        return vi.Target.from_log_density(lambda z, m: -jnp.sum((z - m) ** 2), 2, data=(m,))
+
+    with pytest.raises(ValueError, match="batch is empty"):  # was a ZeroDivisionError
+        vi.fit_many(make, jnp.ones((0, 2)), family="meanfield", key=jax.random.key(0))

@@ -665,6 +665,8 @@ def test_kl_estimate_chunking_and_base():
     assert c.mean is c.estimate  # read like vi.Estimate
     with pytest.raises(ValueError, match="batch_size"):
         kl_estimate(p, q, KEY, 1000, batch_size=300)
+    with pytest.raises(TypeError, match="key: expected a JAX PRNG key"):  # was an AssertionError
+        kl_estimate(p, q, 0, 1000)
 
 
 # --- errors and dispatch to arrays ---

@@ -2460,6 +2460,9 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         detail = ", ".join(f"batched_args[{i}] has shape {s}" for i, s in sizes)
         raise ValueError(f"batched_args: leading (batch) sizes differ: {detail}")
     (B,) = batch
+    if B == 0:
+        raise ValueError(f"batched_args: the batch is empty (leading size 0, shapes "
+                         f"{[s for _, s in sizes]}); fit_many needs at least one problem")
 
     family, cfg, cap, per_sync = _configure(
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps

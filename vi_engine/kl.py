@@ -308,8 +308,12 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
     batch_shape = _check_pair(p, q, "kl_estimate")
     if p.batch_shape != batch_shape:
         p = p.expand(batch_shape)  # some log_probs (e.g. low-rank MVN) do not broadcast samples
-    if not isinstance(num_samples, int) or num_samples < 2:
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
         raise ValueError(f"kl_estimate: `num_samples` must be an int >= 2, got {num_samples!r}.")
+    num_samples = int(num_samples)
+    from vi_engine.objectives import check_key  # lazy: objectives sits above kl
+
+    check_key(key)  # an int key was a bare AssertionError from inside jax.random
     if batch_size is None or batch_size >= num_samples:
         f, valid = _kl_samples(p, q, key, num_samples)
         count, mean, m2 = _moments(f, valid)
