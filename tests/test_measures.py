@@ -1,7 +1,9 @@
 """Tests for vi_engine.measures: scipy references, the seed's numbers, properties, numerics."""
 
 import doctest
+import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -505,6 +507,10 @@ def test_invalid_entries_are_nan_not_dropped(jit):
     # Unchecked (validate=False, or any call under jit): a NaN or a negative entry must show in
     # the result as NaN, never be treated as zero mass (which gave finite, wrong values).
     wrap = jax.jit if jit else (lambda f: f)
+    m = types.SimpleNamespace(**{  # every measure unchecked (validate=True is the default)
+        name: functools.partial(getattr(vi_engine.measures, name), validate=False)
+        for name in ("kl_divergence", "cross_entropy", "js_divergence", "js_distance",
+                     "entropy", "mutual_information", "conditional_entropy")})
     nan = jnp.nan
     p_nan, p_neg, q = jnp.array([nan, 0.5, 0.5]), jnp.array([1.5, -0.5, 0.0]), jnp.full(3, 1 / 3)
     for p in (p_nan, p_neg):
@@ -544,6 +550,13 @@ def test_validate_reports_offending_values():
         m.entropy(jnp.array([-jnp.inf, -jnp.inf]), log_input=True, validate=True)
     # valid inputs (with zeros, unnormalised logits) pass
     m.kl_divergence(jnp.array([1.0, 0.0]), jnp.array([0.5, 0.5]), validate=True)
+    # It is the default (found in review: a negative entry gave a silent NaN, an unnormalised
+    # joint a mutual information of -5.5), and under jit values are not checked.
+    with pytest.raises(ValueError, match=r"-0\.1.*index \(1,\)"):
+        m.entropy(jnp.array([0.6, -0.1, 0.5]))
+    with pytest.raises(ValueError, match=r"joint row \(\).*sums to 4"):
+        m.mutual_information(jnp.ones((2, 2)))
+    assert np.isnan(jax.jit(m.entropy)(jnp.array([0.6, -0.1, 0.5])))
     m.entropy(jnp.array([3.0, -jnp.inf, 1.0]), log_input=True, validate=True)
 
 
