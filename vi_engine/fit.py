@@ -2393,7 +2393,8 @@ def fit_many(
     ``batched_args``. Each problem stops on its own convergence (a per-problem done mask); the
     progress bar follows the batch as a whole. Options are as in ``vi.fit``, but for
     ``init_params``: the family's parameters of every problem, each leaf leading with ``B``
-    (e.g. the ``params`` of an earlier ``fit_many``, to go on from there).
+    (e.g. the ``params`` of an earlier ``fit_many``, to go on from there), and flows, which
+    ``fit_many`` does not fit (an error says so).
 
     ``precondition``, per problem as in ``vi.fit``: ``"auto"`` (default) polishes the mean of
     a problem that converged short in its mean alone, and refits the problems still short of
@@ -2405,7 +2406,10 @@ def fit_many(
     Returns:
       ``FitResult`` whose posterior has batch shape ``(B,)``; ``params`` leaves lead with ``B``;
       ``num_steps``, ``converged`` and ``status`` are ``(B,)`` arrays; ``elbo`` holds ``(B,)``
-      means and standard errors.
+      means and standard errors. ``target`` is the batch of targets (``jax.vmap`` of
+      ``make_target``: every data leaf leads with ``B``), whose methods take one problem's
+      ``z``: take problem ``i`` first, ``jax.tree_util.tree_map(lambda a: a[i], res.target)``
+      (``res.sample`` does that for every problem).
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
     >>> mus = jnp.arange(4.0)[:, None] * jnp.ones((4, 2))
