@@ -331,3 +331,16 @@ def test_a_log_density_that_is_not_a_real_float_is_refused():
                      (lambda z: jnp.sum(z) > 0, "bool")):
         with pytest.raises(TypeError, match=f"real floating-point scalar.*dtype {dtype}"):
             Target.from_log_density(f, 2)
+
+
+def test_observed_values_outside_the_support_are_named():
+    # They made the density non-finite at z = 0, and the message pointed at the parameters
+    # ("map constrained parameters to R first"): found in review.
+    def model(y):
+        rate = numpyro.sample("rate", dist.Gamma(2.0, 1.0))
+        numpyro.sample("y", dist.Poisson(rate), obs=y)
+
+    for y in (jnp.array([3.0, 2.5, 4.0]), jnp.array([3.0, -1.0, 4.0])):
+        with pytest.raises(ValueError, match="observed site 'y' has 1 value.* outside its dis"):
+            Target.from_numpyro(model, y)
+    assert Target.from_numpyro(model, jnp.array([3.0, 2.0, 4.0])).dim == 1

@@ -521,21 +521,38 @@ def _numpyro_checks(spec, z0, *arrays):
     # at z = 0 and the number of non-finite entries of each observed value.
     args, kwargs = spec.args_kwargs(arrays)
     tr = _trace_at_zero(spec.model, "", args, kwargs)
-    bad = {}
+    bad, outside = {}, {}
     for name in spec.observed:
         v = jnp.asarray(tr[name]["value"])
         bad[name] = jnp.sum(~jnp.isfinite(v))
-    return spec(z0, *arrays), bad
+        # Outside the likelihood's support (a Poisson count of 2.5 or -1): the density is
+        # -inf there whatever the parameters. Counted over the support's batch.
+        try:
+            inside = tr[name]["fn"].support(v)
+        except Exception:  # a support without a check: nothing to say
+            inside = True
+        outside[name] = jnp.sum(~jnp.asarray(inside, bool))
+    return spec(z0, *arrays), (bad, outside)
 
 
 def _check_numpyro(target: Target) -> None:
     spec = target._spec
     dtype = _float_dtype(target.data)
-    value, bad = _numpyro_checks(spec, jnp.zeros((target.dim,), dtype), *target.data)
+    value, (bad, outside) = _numpyro_checks(spec, jnp.zeros((target.dim,), dtype),
+                                            *target.data)
     if _is_tracer(value):
         return
     for name in spec.observed:
         count = int(bad[name])
+        if not count and int(outside[name]) and not np.isfinite(np.asarray(value)):
+            raise ValueError(
+                f"from_numpyro({target.name}): observed site {name!r} has "
+                f"{int(outside[name])} value(s) outside its distribution's support at the "
+                f"test point z = zeros({target.dim}), where the log density is not finite: "
+                "a non-integer or negative count for a Poisson, say, has likelihood 0 whatever "
+                "the parameters. Fix the data or the likelihood (or, if the support depends on "
+                "a parameter, make z = 0 a point where the data fit it)."
+            )
         if count:
             raise ValueError(
                 f"from_numpyro({target.name}): observed site {name!r} has {count} NaN/inf "
