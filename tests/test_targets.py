@@ -344,3 +344,11 @@ def test_observed_values_outside_the_support_are_named():
         with pytest.raises(ValueError, match="observed site 'y' has 1 value.* outside its dis"):
             Target.from_numpyro(model, y)
     assert Target.from_numpyro(model, jnp.array([3.0, 2.0, 4.0])).dim == 1
+
+
+def test_a_support_without_a_bijection_names_the_site():
+    def model():  # numpyro's biject_to(sphere) raises an empty NotImplementedError
+        numpyro.sample("direction", dist.ProjectedNormal(jnp.ones(3)))
+
+    with pytest.raises(ValueError, match="latent site 'direction' has support Sphere"):
+        Target.from_numpyro(model)

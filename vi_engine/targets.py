@@ -487,9 +487,24 @@ def _site_records(tr, model_name):
             out.append((name, "observed", None, None))
         elif site["type"] == "sample":
             shape = tuple(jnp.shape(site["value"]))
-            unc_shape = tuple(biject_to(site["fn"].support).inverse_shape(shape))
+            unc_shape = tuple(_bijection(site["fn"].support, name, model_name).inverse_shape(
+                shape))
             out.append((name, "latent", shape, unc_shape))
     return out
+
+
+def _bijection(support, site_name, model_name):
+    """``biject_to(support)``, or an error naming the site (numpyro's is empty)."""
+    try:
+        return biject_to(support)
+    except NotImplementedError:
+        raise ValueError(
+            f"from_numpyro({model_name}): latent site {site_name!r} has support {support}, "
+            "which numpyro cannot map to R^k (no biject_to), so it cannot be fitted by "
+            "Gaussian or flow families over an unconstrained vector. Reparameterize it, e.g. "
+            "sample an unconstrained value and transform it in the model (numpyro.deterministic "
+            "keeps the transformed value), or use a distribution whose support maps to R^k."
+        ) from None
 
 
 def _trace_at_zero(model, model_name, args, kwargs):
@@ -508,7 +523,7 @@ def _trace_at_zero(model, model_name, args, kwargs):
                 f"({type(fn).__name__}, support {fn.support}); discrete latent sites are not "
                 "supported (enumeration is later work). Marginalize it out in the model."
             )
-        t = biject_to(fn.support)
+        t = _bijection(fn.support, site["name"], model_name)
         return t(jnp.zeros(t.inverse_shape(tuple(fn.shape()))))
 
     model = substitute(seed(model, rng_seed=0), substitute_fn=substitute_fn)
