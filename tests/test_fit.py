@@ -1614,6 +1614,8 @@ def test_elbo_checks_its_arguments(gauss3):
     assert out.shape == (2,) and np.all(np.isfinite(out))
     grad = jax.jit(jax.grad(lambda p: vi.elbo(key, fam, p, gauss3.target, 10).mean))(params)
     assert np.all(np.isfinite(grad.loc))
+    # one draw: no spread to estimate the standard error from (it read 0)
+    assert np.isnan(vi.elbo(key, fam, params, gauss3.target, 1).stderr)
 
 
 def test_fit_many_of_no_problems_is_a_clear_error():

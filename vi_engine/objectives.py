@@ -274,7 +274,7 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
       num_samples: number of draws.
 
     Returns:
-      ``Estimate(mean, stderr)``, both scalars.
+      ``Estimate(mean, stderr)``, both scalars (``stderr`` NaN for one draw).
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
     >>> t = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 2)
@@ -291,8 +291,11 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     check_params("params", family, params, target.dim)
     lw = _log_weights_batched(key, family, params, target, num_samples, batch_size)
     n = lw.shape[0]
-    # ddof=1, as kl_estimate: the unbiased variance of the draws.
-    return Estimate(jnp.mean(lw), jnp.std(lw, ddof=1 if n > 1 else 0) / math.sqrt(n))
+    # ddof=1, as kl_estimate: the unbiased variance of the draws; one draw has no spread to
+    # estimate it from (NaN, not the 0 it was, found in review).
+    stderr = (jnp.std(lw, ddof=1) / math.sqrt(n) if n > 1
+              else jnp.full((), jnp.nan, lw.dtype))
+    return Estimate(jnp.mean(lw), stderr)
 
 
 def check_target(target):
