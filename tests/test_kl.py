@@ -315,6 +315,28 @@ def test_lowrank_pairs_are_accurate_when_p_is_close_to_q(d, r):
     np.testing.assert_allclose(float(kl_divergence(p, q)), ref, rtol=5e-3)
 
 
+def test_discrete_pairs_are_accurate_when_p_is_close_to_q():
+    # Rates and probabilities a relative 1e-4 apart, float32: the terms cancel to O(1e-8), and
+    # only the generalised KL's sum of non-negative terms keeps digits (as for tables).
+    rng = np.random.default_rng(4)
+    a = rng.uniform(0.05, 0.95, 5000).astype(np.float32)
+    b = (a * (1 + 1e-4 * rng.standard_normal(5000))).astype(np.float32)
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    cases = (
+        (dist.Bernoulli(probs=a), dist.Bernoulli(probs=b),
+         x * np.log(x / y) + (1 - x) * np.log((1 - x) / (1 - y))),
+        (dist.Poisson(10 * a), dist.Poisson(10 * b),
+         10 * x * np.log(x / y) - 10 * x + 10 * y),
+        (dist.Categorical(probs=np.stack([a, 1 - a], -1)),
+         dist.Categorical(probs=np.stack([b, 1 - b], -1)),
+         x * np.log(x / y) + (1 - x) * np.log((1 - x) / (1 - y))),
+    )
+    for p, q, ref in cases:
+        got = np.asarray(kl_divergence(p, q))
+        assert (got >= 0).all(), type(p).__name__
+        assert np.median(np.abs(got - ref) / ref) < 2e-2, type(p).__name__
+
+
 def test_no_dispatch_ambiguities():
     ambiguities = []
     nkl.kl_divergence.reorder(on_ambiguity=lambda _, amb: ambiguities.extend(amb))

@@ -610,9 +610,24 @@ def _bern_logs(d):
 
 
 def _kl_bern_terms(p, q):
-    p1, p0, lp1, lp0 = _bern_logs(p)
-    _, _, lq1, lq0 = _bern_logs(q)
-    return _xlogr(p1, lp1, lq1) + _xlogr(p0, lp0, lq0)
+    """KL of two Bernoullis as that of their two-entry tables (``measures._kl``: accurate when
+    p and q are close, where ``p log(p/q) + (1-p) log((1-p)/(1-q))`` cancels), from the
+    probabilities when both are given as such, else from the log-probabilities."""
+    from vi_engine import measures as m  # lazy: measures sits below kl but may be imported late
+
+    def table(d):
+        p1, p0, lp1, lp0 = _bern_logs(d)
+        prob = jnp.stack(jnp.broadcast_arrays(p1, p0), -1)
+        pos = prob > 0
+        logp = jnp.where(pos, jnp.stack(jnp.broadcast_arrays(lp1, lp0), -1), 0.0)
+        return m._Table(prob, logp, pos)
+
+    t, u = table(p), table(q)
+    shape = jnp.broadcast_shapes(t.prob.shape, u.prob.shape)
+    t, u = (m._Table(*(jnp.broadcast_to(a, shape) for a in x)) for x in (t, u))
+    logits = isinstance(p, (BernoulliLogits, BinomialLogits)) or isinstance(
+        q, (BernoulliLogits, BinomialLogits))
+    return m._kl(t, u, log_input=logits)
 
 
 for _tp in (BernoulliProbs, BernoulliLogits):
@@ -645,10 +660,17 @@ for _tp in (BinomialProbs, BinomialLogits):
 
 @register_kl(Poisson, Poisson)
 def _kl_poisson(p, q):
-    lp, lq = p.rate, q.rate
-    # rate_p · log(rate_p / rate_q) with 0 · log 0 = 0 and a finite gradient at rate_p = 0 (the
-    # package's convention at zeros, as for Categorical); xlogy's was NaN there (0/0).
-    return _xlogr(lp, _safe_log(lp), jnp.log(lq)) - lp + lq
+    from vi_engine import measures as m  # lazy: measures sits below kl but may be imported late
+
+    lp, lq = jnp.broadcast_arrays(p.rate, q.rate)
+    # rate_p log(rate_p / rate_q) - rate_p + rate_q: the generalised KL's terms, accurate for
+    # close rates (measures._kl_terms), 0 log 0 = 0 with a finite gradient at rate_p = 0 (the
+    # package's convention at zeros, as for Categorical; xlogy's was NaN there, 0/0).
+    pos_p, pos_q = lp > 0, lq > 0
+    ell = jnp.where(pos_p, jnp.log(jnp.where(pos_p, lp, 1.0)), 0.0) - jnp.where(
+        pos_q, jnp.log(jnp.where(pos_q, lq, 1.0)), 0.0)
+    kl = m._kl_terms(lp, lq, ell, pos_q | jnp.isnan(lp), log_input=False)
+    return jnp.where(pos_p & ~pos_q & ~jnp.isnan(kl), jnp.inf, kl)
 
 
 def _kl_poisson_binomial(p, q):
