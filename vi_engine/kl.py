@@ -560,14 +560,6 @@ for _tp in _GAUSS:
 # ------------------------------------------------------------------------------------------------
 
 
-def _xlogr(w, log_a, log_b):
-    """w · (log a − log b) with 0 · (…) = 0, safe for grad where w == 0 (double where)."""
-    mask = w > 0
-    log_a = jnp.where(mask, log_a, 0.0)
-    log_b = jnp.where(mask, log_b, 0.0)
-    return jnp.where(mask, w * (log_a - log_b), 0.0)
-
-
 def _safe_log(x):
     """log x with log 0 = -inf and a zero (not NaN) gradient there."""
     pos = x > 0
