@@ -174,6 +174,17 @@ def test_renyi_bound_tends_to_the_elbo_as_alpha_tends_to_one(gauss3):
         # L_alpha = ELBO - (1 - alpha) var / 2 + O((1 - alpha)^2), within each row of k draws
         tol = abs(1 - alpha) * var + 1e-5 * abs(elbo)
         assert abs(bound - elbo) < tol, (alpha, bound, elbo, tol)
+    # A zero weight (log weight -inf): L_alpha = -inf for alpha > 1 (and for any alpha when
+    # every weight is 0), not the NaN of inf - inf (found in review).
+    from unittest import mock
+
+    from vi_engine import objectives
+
+    for lw, alpha in (([0.0, -np.inf, -1.0], 1.5), ([-np.inf] * 3, 0.5), ([-np.inf] * 3, 1.5)):
+        with mock.patch.object(objectives, "log_weights", lambda *a, lw=lw, **k: jnp.array(lw)):
+            got = vi.Renyi(alpha=alpha, num_particles=3).loss(params, key, family,
+                                                               gauss3.target, 1)[1]
+        assert float(got) == -np.inf, (lw, alpha, got)
 
 
 def test_fit_refuses_a_renyi_bound_above_the_evidence(gauss3):
@@ -1616,6 +1627,9 @@ def test_elbo_checks_its_arguments(gauss3):
     assert np.all(np.isfinite(grad.loc))
     # one draw: no spread to estimate the standard error from (it read 0)
     assert np.isnan(vi.elbo(key, fam, params, gauss3.target, 1).stderr)
+    # a LowRank q of another rank than the named family's default is fine (review)
+    p3 = vi.LowRank(rank=3).init(key, 3)
+    assert np.isfinite(float(vi.elbo(key, "lowrank", p3, gauss3.target, 10).mean))
 
 
 def test_fit_many_of_no_problems_is_a_clear_error():

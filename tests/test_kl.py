@@ -297,11 +297,11 @@ def test_normal_pair_is_accurate_when_p_is_close_to_q():
     assert (got >= 0).all()
 
 
-@pytest.mark.parametrize("d,r", [(40, 40), (40, 5), (10, 3)])
+@pytest.mark.parametrize("d,r", [(40, 40), (40, 20), (10, 5)])
 def test_lowrank_pairs_are_accurate_when_p_is_close_to_q(d, r):
     # float32, D small beside WWᵀ (as in a fitted posterior): Woodbury's subtraction read
     # KL(q‖q) 2e-4 to 2e-2 and pairs 1e-4 apart off by up to 2700x (found in review); the dense
-    # way for d <= 64 (kl._DENSE_MAX_DIM) keeps them to float32's rounding.
+    # way, for rank >= d/2 (kl._kl_gauss), keeps them to float32's rounding.
     rng = np.random.default_rng(d + r)
     w = rng.standard_normal((d, r)).astype(np.float32)
     diag = (0.01 * rng.uniform(0.5, 2, d)).astype(np.float32)
@@ -335,6 +335,22 @@ def test_discrete_pairs_are_accurate_when_p_is_close_to_q():
         got = np.asarray(kl_divergence(p, q))
         assert (got >= 0).all(), type(p).__name__
         assert np.median(np.abs(got - ref) / ref) < 2e-2, type(p).__name__
+
+
+def test_discrete_pairs_keep_their_support_and_nans():
+    # Found in review of the generalised-KL change: sigmoid(-100) underflows to 0 in float32,
+    # its log does not (the KL is finite), and a NaN parameter must give NaN under jit.
+    k = kl_divergence
+    np.testing.assert_allclose(k(dist.Bernoulli(logits=0.0), dist.Bernoulli(logits=100.0)),
+                               0.5 * math.log(0.5) + 0.5 * (100 + math.log(0.5)), rtol=1e-5)
+    np.testing.assert_allclose(k(dist.Binomial(5, logits=0.0), dist.Binomial(5, logits=100.0)),
+                               5 * (0.5 * math.log(0.5) + 0.5 * (100 + math.log(0.5))), rtol=1e-5)
+    assert np.isnan(jax.jit(lambda a: k(dist.Bernoulli(logits=0.3),
+                                        dist.Bernoulli(logits=a)))(jnp.nan))
+    for rate in (0.0, 1.0):
+        assert np.isnan(jax.jit(lambda a, r=rate: k(dist.Poisson(r), dist.Poisson(a)))(jnp.nan))
+    # d/dp at p = 0: p log p passes no gradient (the package's convention), so that of -p + q
+    assert float(jax.grad(lambda r: k(dist.Poisson(r), dist.Poisson(2.0)))(0.0)) == -1.0
 
 
 def test_no_dispatch_ambiguities():
@@ -631,7 +647,7 @@ def test_gaussian_kl_derivatives_both_modes_to_second_order(kinds, d):
     # and in q's parameters.
     with jax.enable_x64(True):
         rng = np.random.default_rng(11)
-        r = 2  # d = 4: the dense way; d = 66: Woodbury's (kl._DENSE_MAX_DIM)
+        r = 2  # d = 4: the dense way (rank >= d/2); d = 66: Woodbury's (kl._kl_gauss)
 
         def params(kind):
             loc = jnp.asarray(rng.normal(size=(2, d)))

@@ -240,5 +240,6 @@ def test_laplace_many_is_each_exact_posterior_and_flags_the_problems_without_a_m
     for bad in (-1.0, float("nan"), "a"):
         with pytest.raises(ValueError, match="tol: expected a non-negative finite number"):
             lp.laplace_many(tilted, tol=bad)
+    assert lp.laplace_many(tilted, tol=jnp.float32(1e-5))[1].tolist() == [True, False]
     with pytest.raises(TypeError, match="targets: expected a batched vi.Target"):
         lp.laplace_many(X)

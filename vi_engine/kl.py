@@ -453,12 +453,14 @@ def _kl_gauss_triangular(p: _Gauss, q: _Gauss):
     )
 
 
-# Low-rank Gaussians of up to this dimension (or of rank >= d/2, where Woodbury saves nothing)
-# go the dense way: Σ = WWᵀ + D factored, then the triangular path's non-negative terms. The
-# Woodbury path subtracts ‖L_C⁻¹WdᵀM‖² from ΣM²/D, both large where D is small beside WWᵀ:
-# float32 KL(q‖q) of low-rank q read 1.5e-4 to 2e-2 (d = 10-100, rank 3-40; the dense way
-# 0 to 4e-11), and pairs 1e-4 apart had KLs off by up to 2700x, negative ones included.
-_DENSE_MAX_DIM = 64
+# Low-rank Gaussians of rank >= d/2 (where Woodbury's r x r capacitance saves nothing) go the
+# dense way: Σ = WWᵀ + D factored, then the triangular path's non-negative terms. The Woodbury
+# path subtracts ‖L_C⁻¹WdᵀM‖² from ΣM²/D, both large where D is small beside WWᵀ: float32
+# KL(q‖q) of low-rank q read 1.5e-4 to 2e-2 (d = 10-100, rank 3-40; the dense way 0 to
+# 4e-11), and pairs 1e-4 apart had KLs off by up to 2700x, negative ones included. At lower
+# ranks it stays: the dense way was 7-44x slower there (10^4 pairs, d = 16-64, rank 2-4), and
+# its float32 Cholesky failed (NaN) where D ~ 1e-6 beside WWᵀ ~ 1, which Woodbury handles
+# (found in review). Float64 (jax_enable_x64) keeps Woodbury's cancellation to ~1e-16 ΣM²/D.
 
 
 def _dense(g: _Gauss, dep):
@@ -475,8 +477,7 @@ def _kl_gauss(p, q):
     if gp.kind != "lowrank" and gq.kind != "lowrank":
         return _kl_gauss_triangular(gp, gq)
     d = gp.loc.shape[-1]
-    if d <= _DENSE_MAX_DIM or any(g.kind == "lowrank" and 2 * g.a.shape[-1] >= d
-                                  for g in (gp, gq)):
+    if any(g.kind == "lowrank" and 2 * g.a.shape[-1] >= d for g in (gp, gq)):
         # p's factorization, then q's (a chain: ``_compile.after``), forward and backward.
         gp = _dense(gp, gp.a)
         return _compile.backward_after_forward(_kl_gauss_triangular(gp, _dense(gq, gp.a)))
@@ -610,9 +611,12 @@ def _kl_bern_terms(p, q):
     def table(d):
         p1, p0, lp1, lp0 = _bern_logs(d)
         prob = jnp.stack(jnp.broadcast_arrays(p1, p0), -1)
-        pos = prob > 0
-        logp = jnp.where(pos, jnp.stack(jnp.broadcast_arrays(lp1, lp0), -1), 0.0)
-        return m._Table(prob, logp, pos)
+        logp = jnp.stack(jnp.broadcast_arrays(lp1, lp0), -1)
+        # The support from the logs where they are given: sigmoid(-100) underflows to 0 in
+        # float32, its log does not (an infinite KL for a finite one, found in review). NaN
+        # stays in (and NaN out).
+        pos = logp != -jnp.inf if isinstance(d, (BernoulliLogits, BinomialLogits)) else prob != 0
+        return m._Table(prob, jnp.where(pos, logp, 0.0), pos)
 
     t, u = table(p), table(q)
     shape = jnp.broadcast_shapes(t.prob.shape, u.prob.shape)
@@ -658,7 +662,7 @@ def _kl_poisson(p, q):
     # rate_p log(rate_p / rate_q) - rate_p + rate_q: the generalised KL's terms, accurate for
     # close rates (measures._kl_terms), 0 log 0 = 0 with a finite gradient at rate_p = 0 (the
     # package's convention at zeros, as for Categorical; xlogy's was NaN there, 0/0).
-    pos_p, pos_q = lp > 0, lq > 0
+    pos_p, pos_q = lp != 0, lq != 0  # a NaN rate is "positive": NaN in, NaN out
     ell = jnp.where(pos_p, jnp.log(jnp.where(pos_p, lp, 1.0)), 0.0) - jnp.where(
         pos_q, jnp.log(jnp.where(pos_q, lq, 1.0)), 0.0)
     kl = m._kl_terms(lp, lq, ell, pos_q | jnp.isnan(lp), log_input=False)
@@ -853,8 +857,11 @@ def streaming_surprise(prior, observations, *, obs_scale=None, base=None,
     if isinstance(prior, Normal) and obs_scale is None:
         raise ValueError("streaming_surprise: a Normal prior needs the known `obs_scale=` σ.")
     if obs_scale is not None and not isinstance(obs_scale, jax.core.Tracer):
-        scale = np.asarray(obs_scale)
-        if scale.dtype.kind not in "iuf" or not np.all(np.isfinite(scale) & (scale > 0)):
+        try:  # bfloat16 has NumPy kind "V": compare as float64
+            scale = np.asarray(obs_scale).astype(np.float64)
+        except (TypeError, ValueError):
+            scale = np.asarray(np.nan)
+        if not np.all(np.isfinite(scale) & (scale > 0)):
             # 0 or NaN gave NaN surprises; a negative one was squared into a valid variance
             raise ValueError(
                 f"streaming_surprise: obs_scale must be positive and finite (the known "

@@ -149,9 +149,11 @@ def _validate(name, x, log_input):
             f"{name} has the entry {a[idx]} at index {idx} (event axis last); probabilities "
             "must be non-negative. For log-probabilities or logits pass log_input=True."
         )
-    ftype = a.dtype if np.issubdtype(a.dtype, np.floating) else np.float32
-    tol = math.sqrt(float(np.finfo(ftype).eps)) * max(1.0, math.sqrt(a.shape[-1]))
-    sums = a.sum(axis=-1)
+    # jnp.finfo knows bfloat16 (np.finfo does not); the sums in float64, not the input's
+    # precision (a valid bfloat16 softmax row summed to 0.996 in bfloat16, found in review).
+    ftype = a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else np.float32
+    tol = math.sqrt(float(jnp.finfo(ftype).eps)) * max(1.0, math.sqrt(a.shape[-1]))
+    sums = a.astype(np.float64).sum(axis=-1)
     off = np.abs(sums - 1.0) > tol
     if off.any():
         row = tuple(int(i) for i in np.argwhere(off)[0])
@@ -302,16 +304,21 @@ def _kl_terms(p, q, ell, mask, log_input):
     rounding of ``ell`` (1e-7 absolute in float32, as large as the whole KL at r = 1e-4, which
     came out negative in half of such rows). So near ``r = 0`` the term is ``q g(r)`` by its
     series, with ``r`` from the probabilities (or ``expm1(ell)`` on the log path, where the logs
-    are the data). Summed over a pair of normalised tables, the added ``q - p`` are 0.
+    are the data); up to ``|r| < 1`` the probability path takes ``ell = log1p(r)``, which has
+    no rounding of ``log p`` and ``log q`` in it. Summed over a pair of normalised tables, the
+    added ``q - p`` are 0. Where ``p = 0`` its ``p log p`` passes no gradient (the package's
+    convention at zeros), so d/dp is that of ``-p``.
     """
     if log_input:
         small = mask & (p > 0) & (jnp.abs(ell) <= math.log1p(_SERIES_MAX))
         r = jnp.expm1(jnp.where(small, ell, 0))
-    else:  # |p - q| <= 0.1 q, without dividing (a gradient through 1/q would overflow)
-        small = mask & (jnp.abs(p - q) <= _SERIES_MAX * q)
-        r = (p - q) / jnp.where(small, q, 1)
+    else:  # |p - q| < q, without dividing first (a gradient through 1/q would overflow)
+        near = mask & (jnp.abs(p - q) < q)
+        r = (p - q) / jnp.where(near, q, 1)
+        ell = jnp.where(near, jnp.log1p(jnp.where(near, r, 0)), ell)
+        small = near & (jnp.abs(r) <= _SERIES_MAX)
     series = q * _g_series(jnp.where(small, r, 0))
-    closed = p * ell - (p - q)
+    closed = jnp.where(p != 0, p * ell, 0) - (p - q)
     return jnp.where(small, series, jnp.where(mask, closed, 0))
 
 
@@ -582,7 +589,9 @@ def mutual_information(joint, base=None, *, log_input=False, validate=True):
       base, log_input, validate: as in :func:`entropy`.
 
     Returns:
-      ``(...)``.
+      ``(...)``: ``KL(p(x, y) || p(x) p(y))`` as the generalised KL's non-negative terms (module
+      docstring), so an unnormalised joint (with ``validate=False``) gets that, not the
+      textbook sum.
 
     Example:
       >>> import jax.numpy as jnp

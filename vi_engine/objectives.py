@@ -221,8 +221,12 @@ class Renyi:
         # log-sum-exp form lost eps / |c|: alpha = 1 - 1e-7 read 0.18 for an ELBO of 1.11,
         # found in review). m is a constant (any m gives the same value and gradient).
         m = jax.lax.stop_gradient(jnp.max(lw, -1) if c > 0 else jnp.min(lw, -1))
-        v = jnp.mean(jnp.expm1(c * (lw - m[:, None])), -1)
-        bound = jnp.mean(m + jnp.log1p(v) / c)
+        # m = -inf: every weight 0 (c > 0), or one weight 0 with alpha > 1, where
+        # mean(w^(1 - alpha)) = inf: the bound is -inf (NaN from inf - inf otherwise).
+        zero = m == -jnp.inf
+        safe = jnp.where(zero, 0.0, m)
+        v = jnp.mean(jnp.expm1(c * (jnp.where(zero[:, None], 0.0, lw) - safe[:, None])), -1)
+        bound = jnp.mean(jnp.where(zero, -jnp.inf, safe + jnp.log1p(v) / c))
         return -bound, jax.lax.stop_gradient(bound)
 
 
@@ -288,6 +292,9 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     batch_size = _positive_int("batch_size", batch_size)
     check_target(target)
     check_key(key)
+    if isinstance(getattr(params, "cov_factor", None), jax.Array | np.ndarray) and hasattr(
+            family, "rank"):  # a LowRank q of any rank (its sampler reads it from the params)
+        family = dataclasses.replace(family, rank=params.cov_factor.shape[-1])
     check_params("params", family, params, target.dim)
     lw = _log_weights_batched(key, family, params, target, num_samples, batch_size)
     n = lw.shape[0]

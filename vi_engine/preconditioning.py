@@ -271,10 +271,14 @@ def _search_settings(max_iters, tol, ftol):
     if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 1):
         raise ValueError(f"max_iters: expected a positive integer, got {max_iters!r}")
     for name, value in (("tol", tol), ("ftol", ftol)):
-        if value is not None and not (
-            isinstance(value, (int, float, np.integer, np.floating))
-            and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) and value >= 0
-        ):
+        if value is None:
+            continue
+        try:  # a number or a 0-d array of one (jnp.float32(1e-5)), not a bool
+            ok = (not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0
+                  and math.isfinite(float(value)) and float(value) >= 0)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(f"{name}: expected a non-negative finite number or None (the "
                              f"default), got {value!r}")
     dtype = jnp.result_type(float)
