@@ -1633,9 +1633,9 @@ def _check_optimizer(optimizer):
     )
 
 
-def _check_init_params(family, init_params, key, dim, dtype, batch=None):
-    """``init_params`` must have the structure and shapes of ``family.init(key, dim)`` (with a
-    leading ``batch`` axis on every leaf for ``fit_many``)."""
+def _check_init_params(family, init_params, dim, batch=None):
+    """``init_params``, if given, must have the structure and shapes of ``family.init(key,
+    dim)`` (with a leading ``batch`` axis on every leaf for ``fit_many``)."""
     if init_params is not None:
         check_params("init_params", family, init_params, dim, batch)
 
@@ -1920,7 +1920,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
     cfg = _scale_defaults(cfg, target.dim, optimizer, num_samples)
     cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
-    _check_init_params(family, init_params, key, target.dim, dtype)
+    _check_init_params(family, init_params, target.dim)
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     fixed = tol is None and not progress
     run = _optimize(cfg, None, target.dim, dtype, key, init_params, target, tol_arr, cap_arr,
@@ -2005,8 +2005,7 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_
                kwargs["max_steps"])
     _check_common(target, kwargs["key"], kwargs["tol"], kwargs["num_elbo_samples"])
     dtype = _dtype()
-    if init_params is not None:
-        _check_init_params(family, init_params, kwargs["key"], target.dim, dtype)
+    _check_init_params(family, init_params, target.dim)
     if isinstance(precondition, str):
         if precondition != "laplace":
             raise ValueError(
@@ -2477,7 +2476,7 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     cfg = _with_presample(cfg, targets.dim, B, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
-    _check_init_params(family, init_params, key, targets.dim, dtype, batch=B)
+    _check_init_params(family, init_params, targets.dim, batch=B)
     if precondition == "laplace":
         from vi_engine import preconditioning as lp
 

@@ -285,16 +285,16 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     >>> fam = vi.MeanField()
     >>> est = vi.elbo(jax.random.key(0), fam, fam.init(jax.random.key(1), 2), t)
     """
-    from vi_engine.families import get_family
+    from vi_engine.families import LowRank, get_family
 
     family = get_family(family)
     num_samples = _positive_int("num_samples", num_samples)
     batch_size = _positive_int("batch_size", batch_size)
     check_target(target)
     check_key(key)
-    if isinstance(getattr(params, "cov_factor", None), jax.Array | np.ndarray) and hasattr(
-            family, "rank"):  # a LowRank q of any rank (its sampler reads it from the params)
-        family = dataclasses.replace(family, rank=params.cov_factor.shape[-1])
+    if isinstance(family, LowRank) and hasattr(params, "cov_factor"):
+        # a LowRank q of any rank: its sampler reads the rank from the params
+        family = dataclasses.replace(family, rank=np.shape(params.cov_factor)[-1])
     check_params("params", family, params, target.dim)
     lw = _log_weights_batched(key, family, params, target, num_samples, batch_size)
     n = lw.shape[0]
