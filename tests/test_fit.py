@@ -1164,6 +1164,41 @@ def test_gc_pause_is_scoped_and_restores_the_collector(gauss3):
         assert gc.isenabled() and len(seen) == 1 and not any(seen), seen
 
 
+
+def test_import_pauses_the_collector_and_restores_it():
+    # In fresh interpreters: `import vi_engine` (with jax not yet imported, and after it) runs
+    # its imports with the collector off (no collection between its first submodule's import
+    # and its last's) and leaves the collector as it found it, on or off; so does the lazy
+    # import of Flow (flax: none before the flow module is loaded). Without the pause, 109
+    # collections fell in there (jax imported first).
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, json, sys\n"
+        "off = sys.argv[1] == 'off'\n"
+        "if sys.argv[2] == 'jax-first': import jax\n"
+        "if off: gc.disable()\n"
+        "first, last = 'vi_engine.measures', 'vi_engine.preconditioning'\n"
+        "seen = []\n"
+        "gc.callbacks.append(lambda phase, info: phase == 'start' and seen.append("
+        "first in sys.modules and last not in sys.modules))\n"
+        "import vi_engine as vi\n"
+        "inside_import, seen[:] = sum(seen), []\n"
+        "first, last = 'vi_engine', 'vi_engine.families.flow'\n"
+        "vi.Flow\n"
+        "print(json.dumps([gc.isenabled(), inside_import, sum(seen)]))\n"
+    )
+    for state in ("on", "off"):
+        for order in ("jax-first", "vi-first"):
+            out = subprocess.run([sys.executable, "-c", code, state, order], check=True,
+                                 capture_output=True, text=True).stdout
+            enabled, inside_import, inside_flow = json.loads(out.splitlines()[-1])
+            assert enabled == (state == "on"), (state, order, out)
+            assert inside_import == 0 and inside_flow == 0, (state, order, out)
+
+
 @pytest.mark.parametrize("fixed_steps", [False, True], ids=["until-converged", "fixed-steps"])
 def test_nonfinite_loss_stops_and_keeps_the_last_finite_parameters(fixed_steps):
     # Finite only for z[0] < 2: the fit walks towards the mode at 3 and must stop cleanly.
