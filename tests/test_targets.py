@@ -170,6 +170,34 @@ def test_simplex_site_jacobian():
     np.testing.assert_allclose(t(z), ref.log_prob(z), rtol=1e-10)
 
 
+
+def test_a_site_with_sample_shape_keeps_it():
+    # numpyro.sample(..., sample_shape=...) draws that many values: a positive site with batch
+    # shape (3,) drawn 2 times is 2 x 3 values, each with its own log-Jacobian; found in
+    # review, the sample_shape was dropped and the site fitted one value shared by all.
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0), sample_shape=(3,))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        numpyro.sample("s", dist.Exponential(jnp.ones(3)), sample_shape=(2,))
+
+    from numpyro.infer.util import potential_energy
+
+    y = jnp.array([1.0, 2.0, 3.0])
+    t = Target.from_numpyro(model, y)
+    assert t.dim == 9
+    assert [(s.name, s.shape) for s in t.sites] == [("mu", (3,)), ("s", (2, 3))]
+    z = jax.random.normal(jax.random.key(5), (9,))
+    params = t._spec.unravel(z)
+    assert params["mu"].shape == (3,) and params["s"].shape == (2, 3)
+    np.testing.assert_allclose(t(z), -potential_energy(model, (y,), {}, params), rtol=1e-12)
+    # The Normal part by hand: mu_i ~ N(0, 1), y_i ~ N(mu_i, 1), independently per i.
+    s = jnp.exp(params["s"])
+    by_hand = (jnp.sum(stats.norm.logpdf(params["mu"]) + stats.norm.logpdf(y, params["mu"]))
+               + jnp.sum(-s + params["s"]))  # Exponential(1) at s, and log|ds/dz| = z
+    np.testing.assert_allclose(t(z), by_hand, rtol=1e-12)
+    values = t.constrain(jnp.zeros((4, 9)))
+    assert values["mu"].shape == (4, 3) and values["s"].shape == (4, 2, 3)
+
 def test_numpyro_target_inside_another_numpyro_model():
     # A NumPyro target's log density used as a factor of an outer model (as a NumPyro user
     # would wrap any log density): the inner model's sites must not reach the outer handlers.
@@ -352,3 +380,26 @@ def test_a_support_without_a_bijection_names_the_site():
 
     with pytest.raises(ValueError, match="latent site 'direction' has support Sphere"):
         Target.from_numpyro(model)
+
+
+def test_sites_of_an_improper_prior_and_of_a_latent_dependent_support():
+    # Site infos come from the model at z = 0, not from a draw of the prior: an improper prior
+    # cannot be drawn from (bare NotImplementedError, found in review), and a support that
+    # depends on another site took its bounds from a random draw of it.
+    def improper(y):
+        x = numpyro.sample("x", dist.ImproperUniform(dist.constraints.positive, (), (2,)))
+        numpyro.sample("y", dist.Exponential(x).to_event(1), obs=y)
+
+    (site,) = Target.from_numpyro(improper, jnp.array([1.0, 2.0])).sites
+    assert site.shape == (2,)
+    np.testing.assert_allclose(site.transform(jnp.zeros(2)), 1.0)  # exp(0)
+
+    def bounded(y):
+        a = numpyro.sample("a", dist.Exponential(1.0))
+        x = numpyro.sample("x", dist.Uniform(-a, a))
+        numpyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+    t = Target.from_numpyro(bounded, jnp.array(0.3))
+    z = jnp.array([0.0, 3.0])  # a = exp(0) = 1: the transform of z = 0
+    np.testing.assert_allclose(t.sites[1].transform(z[1]), t.constrain(z)["x"], rtol=1e-12)
+    np.testing.assert_allclose(t.constrain(z)["x"], 2 / (1 + np.exp(-3.0)) - 1, rtol=1e-12)

@@ -63,7 +63,9 @@ class Site(NamedTuple):
     ``shape`` is the constrained value's shape; ``unconstrained_shape`` its shape after
     ``transform.inv``; ``size`` = prod(unconstrained_shape) is its slice length in ``z``
     (0 for deterministic sites); ``transform`` maps unconstrained → constrained (``None`` for
-    deterministic sites).
+    deterministic sites). Where a site's support depends on other latent sites
+    (``Uniform(-a, a)``), ``transform`` is the one at ``z = 0`` (the other sites at their image
+    of zero); ``Target.constrain`` maps any ``z``.
     """
 
     name: str
@@ -371,7 +373,12 @@ class Target:
         """Ordered :class:`Site` infos (latent sites in ``z`` order, then deterministic)."""
         if self._spec is None:
             return ()
-        transforms = self._transforms()
+        # From the trace at z = 0, not a draw from the prior: an improper prior cannot be drawn
+        # from (a bare NotImplementedError, found in review), and a support that depends on
+        # other sites (Uniform(-a, a)) got bounds from a random draw of them.
+        args, kwargs = self._model_args()
+        tr = _trace_at_zero(self._spec.model, self.name, args, kwargs)
+        transforms = {s.name: biject_to(tr[s.name]["fn"].support) for s in self._spec.latent}
         return tuple(
             Site(
                 s.name,
@@ -393,11 +400,10 @@ class Target:
     def _model_args(self):
         return self._spec.args_kwargs(self.data)
 
-    def _transforms(self, values=None):
+    def _transforms(self, values):
+        """Each latent site's ``biject_to(support)`` with the latent sites at ``values``."""
         args, kwargs = self._model_args()
-        model = seed(self._spec.model, rng_seed=0)
-        if values is not None:
-            model = substitute(model, data=values)
+        model = substitute(seed(self._spec.model, rng_seed=0), data=values)
         tr = trace(model).get_trace(*args, **kwargs)
         return {s.name: biject_to(tr[s.name]["fn"].support) for s in self._spec.latent}
 
@@ -524,7 +530,11 @@ def _trace_at_zero(model, model_name, args, kwargs):
                 "supported (enumeration is later work). Marginalize it out in the model."
             )
         t = _bijection(fn.support, site["name"], model_name)
-        return t(jnp.zeros(t.inverse_shape(tuple(fn.shape()))))
+        # A site's value has shape sample_shape + the distribution's (plates included in it):
+        # ``numpyro.sample(..., sample_shape=(3,))`` draws 3 values (found in review: the
+        # sample_shape was dropped, and such a site silently fitted one shared value).
+        shape = tuple(site["kwargs"].get("sample_shape", ())) + tuple(fn.shape())
+        return t(jnp.zeros(t.inverse_shape(shape)))
 
     model = substitute(seed(model, rng_seed=0), substitute_fn=substitute_fn)
     return trace(model).get_trace(*args, **kwargs)
