@@ -134,3 +134,29 @@ def test_lowrank_log_prob_keeps_float32_accuracy_where_the_diagonal_is_small(cas
     both = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), params)
     twice = vi.LowRank().log_prob(both, jnp.asarray(z[:, :2], jnp.float32))
     np.testing.assert_allclose(twice, want[:, :2], atol=tol)
+
+
+def test_options_take_numpy_scalars_and_refuse_bools_and_non_finite_values():
+    # Stored as plain Python numbers (part of a compiled fit's static key). Found in review:
+    # NumPy scalars were refused by the Gaussian families and accepted by IWAE and Flow; a Flow
+    # took an infinite scale_bound or init_scale (every log density NaN), truncated a width of
+    # 2.5 to 2 and took num_layers=True.
+    fam = vi.LowRank(rank=np.int64(2), init_scale=np.float32(0.5))
+    assert type(fam.rank) is int and fam.rank == 2 and type(fam.init_scale) is float
+    assert vi.MeanField().init(jax.random.key(0), np.int64(3)).loc.shape == (3,)
+    assert vi.FullRank(init_scale=np.int32(2)).init_scale == 2.0
+    flow = vi.Flow(num_layers=np.int64(2), hidden=(np.int32(8),))
+    assert type(flow.num_layers) is int and type(flow.hidden[0]) is int
+    assert flow.init(jax.random.key(0), np.int64(2))["loc"].shape == (2,)
+    bad = [(lambda: vi.LowRank(rank=True), "rank"),
+           (lambda: vi.MeanField(init_scale=np.inf), "init_scale"),
+           (lambda: vi.MeanField().init(jax.random.key(0), 2.0), "dim"),
+           (lambda: vi.Flow(scale_bound=float("inf")), r"Flow\(scale_bound"),
+           (lambda: vi.Flow(init_scale=np.nan), r"Flow\(init_scale"),
+           (lambda: vi.Flow(init_scale=True), r"Flow\(init_scale"),
+           (lambda: vi.Flow(hidden=(2.5,)), r"Flow\(hidden=...\) width"),
+           (lambda: vi.Flow(num_layers=True), r"Flow\(num_layers"),
+           (lambda: vi.Flow(num_layers=-1), r"Flow\(num_layers")]
+    for make, name in bad:
+        with pytest.raises(ValueError, match=name):
+            make()

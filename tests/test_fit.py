@@ -224,6 +224,48 @@ def test_objective_and_stopping_arguments_take_numpy_numbers_and_name_bad_ones(g
         vi.fit(gauss3.target, key=jax.random.key(0), stopping={"window": 100})
 
 
+def test_log_weights_and_losses_check_their_arguments(gauss3):
+    # Public for hand-written loops: found in review, num_samples=0 gave [] or NaN silently,
+    # -1 an MLIR error, a family name an AttributeError, an int key jax.random's own error.
+    fam = vi.MeanField()
+    params = fam.init(jax.random.key(1), 3)
+    key = jax.random.key(0)
+    by_name = vi.log_weights(key, "meanfield", params, gauss3.target, 4)
+    np.testing.assert_array_equal(by_name, vi.log_weights(key, fam, params, gauss3.target, 4))
+    calls = [lambda n, k: vi.log_weights(k, fam, params, gauss3.target, n)] + [
+        (lambda obj: lambda n, k: obj.loss(params, k, fam, gauss3.target, n))(obj)
+        for obj in (vi.ELBO(), vi.ELBO("entropy"), vi.IWAE(4), vi.Renyi(0.5))]
+    for call in calls:
+        for n in (0, -1, 2.0, True):
+            with pytest.raises(ValueError, match="num_samples: expected a positive integer"):
+                call(n, key)
+        with pytest.raises(TypeError, match="key: expected a JAX PRNG key"):
+            call(4, 0)
+    with pytest.raises(TypeError, match="params: expected floating-point arrays, got dtype"):
+        vi.elbo(key, fam, jax.tree_util.tree_map(lambda x: x.astype(jnp.int32), params),
+                gauss3.target, 10)
+
+
+def test_an_eager_elbo_that_is_not_finite_warns():
+    # A target NaN for z0 > 0.5, finite at the test point z = 0: an eager vi.elbo says why (it
+    # returned NaN silently, found in review); under jit it stays silent (nothing to read).
+    t = vi.Target.from_log_density(
+        lambda z: jnp.where(z[0] > 0.5, jnp.nan, -0.5 * jnp.sum(z**2)), 2)
+    fam = vi.MeanField(init_scale=1.0)
+    params = fam.init(jax.random.key(1), 2)
+    with pytest.warns(RuntimeWarning, match="vi.elbo: the estimate is nan"):
+        assert np.isnan(vi.elbo(jax.random.key(0), fam, params, t, 100).mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jitted = jax.jit(lambda k: vi.elbo(k, fam, params, t, 100))(jax.random.key(0))
+        assert np.isnan(jitted.mean)
+        assert np.isfinite(vi.elbo(jax.random.key(0), fam, params, gauss_like(2), 100).mean)
+
+
+def gauss_like(dim):
+    return vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), dim)
+
+
 def test_fit_under_a_jax_transformation_is_a_clear_error(gauss3):
     def fit_at(key):
         return vi.fit(gauss3.target, "meanfield", key=key, progress=False).params.loc

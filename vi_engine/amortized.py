@@ -39,6 +39,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
+from vi_engine._checks import is_int, positive_int
 from vi_engine.fit import _update
 from vi_engine.kl import kl_divergence
 
@@ -94,13 +95,12 @@ class VAE:
     hidden: tuple[int, ...] = (128, 128)
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        # Plain ints: a float width (2.5) was truncated to 2 silently.
+        object.__setattr__(self, "hidden", tuple(positive_int("VAE(hidden=...) width", h)
+                                                 for h in self.hidden))
         for field in ("data_dim", "latent_dim"):
-            value = getattr(self, field)
-            if not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"VAE({field}=...): got {value!r}; expected an int >= 1")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"VAE(hidden=...): got {self.hidden}; expected positive widths")
+            object.__setattr__(self, field, positive_int(f"VAE({field}=...)",
+                                                         getattr(self, field)))
 
     @property
     def encoder(self) -> Encoder:
@@ -201,8 +201,7 @@ def iwae_bound(model: VAE, params: Params, key: jax.Array, x: jax.Array,
     (3,)
     """
     _check_data(model, x, "x")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"iwae_bound(num_samples=...): got {num_samples!r}; expected int >= 1")
+    num_samples = positive_int("iwae_bound(num_samples=...)", num_samples)
     q = encode(model, params, x)
 
     def chunk_lse(k, size):
@@ -256,11 +255,12 @@ def train(key: jax.Array, x_train, *, model: VAE | None = None, latent_dim: int 
     if model is None:
         model = VAE(data_dim, latent_dim, tuple(hidden))
     _check_data(model, x_train, "x_train")
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"train(batch_size=...): got {batch_size}; expected 1..{n} (n = data)")
-    for name, value in (("num_steps", num_steps), ("steps_per_chunk", steps_per_chunk)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"train({name}=...): got {value!r}; expected an int >= 1")
+    if not (is_int(batch_size) and 1 <= batch_size <= n):
+        raise ValueError(f"train(batch_size=...): got {batch_size!r}; expected an integer in "
+                         f"1..{n} (n = data)")
+    batch_size = int(batch_size)
+    num_steps = positive_int("train(num_steps=...)", num_steps)
+    steps_per_chunk = positive_int("train(steps_per_chunk=...)", steps_per_chunk)
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
 
     k_init, k_run = jax.random.split(key)

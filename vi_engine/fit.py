@@ -55,15 +55,15 @@ import optax
 from tqdm.auto import tqdm
 
 from vi_engine import _compile
+from vi_engine._checks import is_int as _is_int
+from vi_engine._checks import is_real as _is_real
+from vi_engine._checks import positive_int as _positive_int
 from vi_engine.families import Family, FullRank, LowRank, MeanField, get_family
 from vi_engine.families.gaussian import FullRankParams, MeanFieldParams
 from vi_engine.objectives import (
     ELBO,
     Estimate,
     Renyi,
-    _is_int,
-    _is_real,
-    _positive_int,
     check_key,
     check_params,
     check_target,

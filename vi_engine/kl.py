@@ -70,6 +70,7 @@ from numpyro.distributions import (
 )
 
 from vi_engine import _compile
+from vi_engine._checks import positive_int
 
 __all__ = [
     "KLEstimate",
@@ -308,9 +309,7 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
     batch_shape = _check_pair(p, q, "kl_estimate")
     if p.batch_shape != batch_shape:
         p = p.expand(batch_shape)  # some log_probs (e.g. low-rank MVN) do not broadcast samples
-    if not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
-        raise ValueError(f"kl_estimate: `num_samples` must be an int >= 2, got {num_samples!r}.")
-    num_samples = int(num_samples)
+    num_samples = positive_int("kl_estimate: num_samples", num_samples, minimum=2)
     from vi_engine.objectives import check_key  # lazy: objectives sits above kl
 
     check_key(key)  # an int key was a bare AssertionError from inside jax.random
@@ -318,7 +317,8 @@ def kl_estimate(p, q, key, num_samples: int = 10_000, *, batch_size: int | None 
         f, valid = _kl_samples(p, q, key, num_samples)
         count, mean, m2 = _moments(f, valid)
     else:
-        if not isinstance(batch_size, int) or batch_size < 1 or num_samples % batch_size:
+        batch_size = positive_int("kl_estimate: batch_size", batch_size)
+        if num_samples % batch_size:
             raise ValueError(
                 f"kl_estimate: `batch_size` must be a positive int dividing num_samples="
                 f"{num_samples}, got batch_size={batch_size!r}."

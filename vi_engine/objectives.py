@@ -33,12 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
+
+from vi_engine._checks import is_real as _is_real
+from vi_engine._checks import positive_int as _positive_int
 
 _ESTIMATORS = ("reparam", "stl", "entropy")
 
@@ -55,6 +59,21 @@ def _log_density(target, z):
     return jax.vmap(target.log_density)(z)
 
 
+def _check_loss_args(key, family, num_samples):
+    """``(family, num_samples)`` checked for ``log_weights`` and the objectives' ``loss``: the
+    family from a name, a plain positive int. The key is checked only to be an array: inside a
+    fit it may be a step's pre-drawn noise (``fit._Presampled``), so ``check_key`` cannot be
+    used; an int key gave jax.random's bare error, and ``num_samples=0`` silently NaN."""
+    if isinstance(family, str):
+        from vi_engine.families import get_family  # lazy: families sit above objectives
+
+        family = get_family(family)
+    if not hasattr(key, "dtype"):
+        raise TypeError(f"key: expected a JAX PRNG key (jax.random.key(0)), got "
+                        f"{type(key).__name__}")
+    return family, _positive_int("num_samples", num_samples)
+
+
 def log_weights(key, family, params, target, num_samples, *, stop_q_grad=False):
     """Per-draw log importance weights ``log p̃(z_n) − log q(z_n)``, ``z_n ~ q``: ``(num_samples,)``.
 
@@ -67,35 +86,13 @@ def log_weights(key, family, params, target, num_samples, *, stop_q_grad=False):
     >>> vi.log_weights(jax.random.key(0), fam, fam.init(jax.random.key(1), 2), t, 16).shape
     (16,)
     """
+    family, num_samples = _check_loss_args(key, family, num_samples)
     if stop_q_grad:
         z = family.sample(key, params, num_samples)
         log_q = family.log_prob(jax.lax.stop_gradient(params), z)
     else:
         z, log_q = family.sample_and_log_prob(key, params, num_samples)
     return _log_density(target, z) - log_q
-
-
-def _is_real(x):
-    """A finite real number: Python or NumPy, not a bool."""
-    return (isinstance(x, (int, float, np.integer, np.floating))
-            and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
-
-
-def _is_int(x):
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _positive_int(name, value, none_ok=False):
-    """``value`` as an int (Python or NumPy integer, not a bool), else a ValueError naming
-    ``name``; ``None`` passes through with ``none_ok``."""
-    if value is None and none_ok:
-        return None
-    if not (_is_int(value) and value >= 1):
-        raise ValueError(
-            f"{name}: expected a positive integer{' or None' if none_ok else ''}, got {value!r}"
-        )
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +120,7 @@ class ELBO:
             )
 
     def loss(self, params, key, family, target, num_samples):
+        family, num_samples = _check_loss_args(key, family, num_samples)
         if self.estimator == "entropy":
             if not family.has_entropy:
                 raise ValueError(
@@ -164,6 +162,7 @@ class IWAE:
                            _positive_int("num_particles", self.num_particles))
 
     def loss(self, params, key, family, target, num_samples):
+        family, num_samples = _check_loss_args(key, family, num_samples)
         lw = log_weights(key, family, params, target, num_samples * self.num_particles)
         lw = lw.reshape(num_samples, self.num_particles)
         bound = jnp.mean(logsumexp(lw, axis=-1) - math.log(self.num_particles))
@@ -213,6 +212,7 @@ class Renyi:
             raise ValueError("alpha: 1 is the ELBO itself; use vi.ELBO() (or objective='elbo')")
 
     def loss(self, params, key, family, target, num_samples):
+        family, num_samples = _check_loss_args(key, family, num_samples)
         lw = log_weights(key, family, params, target, num_samples * self.num_particles)
         lw = lw.reshape(num_samples, self.num_particles)
         c = 1.0 - self.alpha
@@ -302,7 +302,16 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     # estimate it from (NaN, not the 0 it was, found in review).
     stderr = (jnp.std(lw, ddof=1) / math.sqrt(n) if n > 1
               else jnp.full((), jnp.nan, lw.dtype))
-    return Estimate(jnp.mean(lw), stderr)
+    mean = jnp.mean(lw)
+    if not isinstance(mean, jax.core.Tracer) and not np.isfinite(np.asarray(mean)):
+        # As fit's FitResult.elbo: called eagerly, a NaN/inf estimate says why (found in
+        # review: a target NaN at some draws of q, finite at the construction's test point).
+        warnings.warn(
+            f"vi.elbo: the estimate is {float(mean)}: the target's log density (or log q) is "
+            "NaN or infinite at some draws of q. A target must be finite on all of R^dim (map "
+            "constrained parameters to R first, e.g. log(z + c) -> a softplus or an exp "
+            "transform).", RuntimeWarning, stacklevel=2)
+    return Estimate(mean, stderr)
 
 
 def check_target(target):
@@ -336,8 +345,8 @@ def check_key(key):
 
 def check_params(name, family, params, dim, batch=None):
     """A ValueError unless ``params`` have the structure and shapes of ``family.init(key,
-    dim)`` (with a leading ``batch`` axis on every leaf if given). Shapes only: works on
-    tracers, compiles nothing."""
+    dim)`` (with a leading ``batch`` axis on every leaf if given), a TypeError unless they are
+    floating-point. Shapes and dtypes only: works on tracers, compiles nothing."""
     want = jax.eval_shape(lambda k: family.init(k, dim), jax.random.key(0))
     if batch is not None:
         want = jax.tree_util.tree_map(
@@ -358,6 +367,11 @@ def check_params(name, family, params, dim, batch=None):
             f"{shapes(want)}; got {shapes(params)}"
             + ("; for a batch of problems, vmap over it" if stacked else "")
         )
+    ints = [jnp.result_type(a) for a in got_leaves
+            if not jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    if ints:  # found in review: an integer array passed, then failed inside jax.random
+        raise TypeError(f"{name}: expected floating-point arrays, got dtype {ints[0]} "
+                        f"(params of {family.name} for dim {dim}; e.g. jnp.asarray(x, float))")
 
 
 def _log_weights_batched(key, family, params, target, num_samples, batch_size):

@@ -51,6 +51,7 @@ from numpyro.distributions import MultivariateNormal
 from numpyro.distributions.util import cholesky_of_inverse
 
 from vi_engine import _compile
+from vi_engine._checks import positive_int
 from vi_engine.families import FullRank, LowRank, MeanField
 from vi_engine.families.gaussian import FullRankParams, LowRankParams, MeanFieldParams
 from vi_engine.targets import Target, _under_transformation
@@ -268,8 +269,7 @@ def laplace(target: Target, *, init=None, max_iters: int = 1000, tol: float | No
 def _search_settings(max_iters, tol, ftol):
     """``(dtype, tol, (max_iters, tol, ftol) as arrays)`` for the mode search, with the defaults
     of ``laplace`` (see there); a clear error for a bad ``max_iters``."""
-    if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 1):
-        raise ValueError(f"max_iters: expected a positive integer, got {max_iters!r}")
+    max_iters = positive_int("max_iters", max_iters)
     for name, value in (("tol", tol), ("ftol", ftol)):
         if value is None:
             continue

@@ -48,6 +48,7 @@ from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform
 
+from vi_engine._checks import positive_int, positive_number
 from vi_engine.families.base import Family, Params
 
 _KINDS = ("realnvp",)
@@ -194,23 +195,19 @@ class Flow(Family):
     default_num_samples = 16
 
     def __post_init__(self):
-        hidden = tuple(int(h) for h in self.hidden)
+        # Plain Python numbers (part of a compiled fit's static key); a float width (2.5) was
+        # truncated, and an infinite scale_bound or init_scale made every log density NaN.
+        hidden = tuple(positive_int("Flow(hidden=...) width", h) for h in self.hidden)
         object.__setattr__(self, "hidden", hidden)
         if self.kind not in _KINDS:
             raise ValueError(f"Flow(kind=...): got {self.kind!r}; expected one of {_KINDS}")
         if self.affine not in _AFFINES:
             raise ValueError(f"Flow(affine=...): got {self.affine!r}; expected one of {_AFFINES}")
-        if not isinstance(self.num_layers, int) or self.num_layers < 0:
-            raise ValueError(
-                f"Flow(num_layers=...): got {self.num_layers!r}; expected an int >= 0"
-            )
-        if any(h <= 0 for h in hidden):
-            raise ValueError(f"Flow(hidden=...): got {hidden}; expected positive widths")
+        object.__setattr__(self, "num_layers", positive_int("Flow(num_layers=...)",
+                                                            self.num_layers, minimum=0))
         for field in ("init_scale", "scale_bound"):
-            value = getattr(self, field)
-            if not (isinstance(value, int | float) and value > 0):
-                raise ValueError(f"Flow({field}=...): got {value!r}; expected a float > 0")
-            object.__setattr__(self, field, float(value))
+            object.__setattr__(self, field, positive_number(f"Flow({field}=...)",
+                                                            getattr(self, field)))
 
     # --- building blocks -------------------------------------------------------------------
 
@@ -269,9 +266,7 @@ class Flow(Family):
     def init(self, key: jax.Array, dim: int, dtype=None) -> Params:
         """Couplings at the identity, ``loc = 0``, ``L = init_scale · I``."""
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-        if not isinstance(dim, int | np.integer) or dim < 1:
-            raise ValueError(f"Flow.init(dim=...): got {dim!r}; expected an int >= 1")
-        dim = int(dim)
+        dim = positive_int("Flow.init(dim=...)", dim)
         variables = _init_couplings(self, key, dim, dtype)
         params = {"couplings": variables, "loc": jnp.zeros((dim,), dtype)}
         log_s = math.log(self.init_scale)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
+from vi_engine._checks import positive_int, positive_number
 from vi_engine.families.base import Family
 
 
@@ -28,14 +29,9 @@ def _float_dtype(dtype):
     return jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
 
 
-def _check_init_scale(init_scale):
-    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
-        raise ValueError(f"init_scale: expected a positive finite number, got {init_scale!r}")
-
-
-def _check_dim(dim):
-    if not (isinstance(dim, int) and dim >= 1):
-        raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+def _check_init_scale(family):
+    """``family.init_scale`` stored as a plain float (a NumPy scalar was refused)."""
+    object.__setattr__(family, "init_scale", positive_number("init_scale", family.init_scale))
 
 
 def _std_normal_log_prob(u, log_scale):
@@ -119,10 +115,10 @@ class MeanField(_StandardNormalNoise, Family):
     has_entropy = True
 
     def __post_init__(self):
-        _check_init_scale(self.init_scale)
+        _check_init_scale(self)
 
     def init(self, key, dim, dtype=None):
-        _check_dim(dim)
+        dim = positive_int("dim", dim)
         dtype = _float_dtype(dtype)
         return MeanFieldParams(
             loc=jnp.zeros((dim,), dtype),
@@ -162,10 +158,10 @@ class FullRank(_StandardNormalNoise, Family):
     has_entropy = True
 
     def __post_init__(self):
-        _check_init_scale(self.init_scale)
+        _check_init_scale(self)
 
     def init(self, key, dim, dtype=None):
-        _check_dim(dim)
+        dim = positive_int("dim", dim)
         dtype = _float_dtype(dtype)
         return FullRankParams(
             loc=jnp.zeros((dim,), dtype),
@@ -226,12 +222,11 @@ class LowRank(Family):
     has_entropy = True
 
     def __post_init__(self):
-        _check_init_scale(self.init_scale)
-        if not (isinstance(self.rank, int) and self.rank >= 1):
-            raise ValueError(f"rank: expected a positive integer, got {self.rank!r}")
+        _check_init_scale(self)
+        object.__setattr__(self, "rank", positive_int("rank", self.rank))
 
     def init(self, key, dim, dtype=None):
-        _check_dim(dim)
+        dim = positive_int("dim", dim)
         dtype = _float_dtype(dtype)
         rank = min(self.rank, dim)
         return LowRankParams(

@@ -1,0 +1,47 @@
+"""Checks of scalar options shared by the public API: a Python or NumPy number, never a bool.
+
+Every option that configures a compiled program (``num_samples``, a family's ``rank``, a
+flow's widths...) is stored as a plain Python ``int`` or ``float``, so that two fits with the
+same settings share one compiled program whatever number type was passed.
+
+>>> import numpy as np
+>>> positive_int("rank", np.int64(2)), positive_number("init_scale", np.float32(0.5))
+(2, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def is_real(x) -> bool:
+    """A finite real number: Python or NumPy, not a bool."""
+    return (isinstance(x, (int, float, np.integer, np.floating))
+            and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def positive_int(name, value, none_ok=False, minimum=1) -> int | None:
+    """``value`` as an ``int`` >= ``minimum`` (Python or NumPy integer, not a bool), else a
+    ValueError naming ``name``; ``None`` passes through with ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    if not (is_int(value) and value >= minimum):
+        want = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}: expected {want}{' or None' if none_ok else ''}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def positive_number(name, value) -> float:
+    """``value`` as a ``float``, finite and > 0 (Python or NumPy, not a bool), else a
+    ValueError naming ``name``."""
+    if not (is_real(value) and value > 0):
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+    return float(value)
