@@ -383,6 +383,13 @@ def _solve_tril(L, B):
     return _trsm(L, B)
 
 
+def _solve_triu_t(L, B):
+    """L⁻ᵀ B for lower-triangular L, by ``_solve_tril`` (its one-solve gradient) on the
+    reversal of Lᵀ, which is lower-triangular: L⁻ᵀ = J (J Lᵀ J)⁻¹ J, J the reversal."""
+    flipped = jnp.flip(jnp.swapaxes(L, -1, -2), (-2, -1))
+    return jnp.flip(_solve_tril(flipped, jnp.flip(B, -2)), -2)
+
+
 class _Gauss(NamedTuple):
     kind: str  # "full" (tril), "diag" (scale), "lowrank" (W, D)
     loc: jax.Array
@@ -454,13 +461,13 @@ def _kl_gauss_triangular(p: _Gauss, q: _Gauss):
 
 
 # Low-rank Gaussians of rank >= d/2 (where Woodbury's r x r capacitance saves nothing) go the
-# dense way: Σ = WWᵀ + D factored, then the triangular path's non-negative terms. The Woodbury
-# path subtracts ‖L_C⁻¹WdᵀM‖² from ΣM²/D, both large where D is small beside WWᵀ: float32
-# KL(q‖q) of low-rank q read 1.5e-4 to 2e-2 (d = 10-100, rank 3-40; the dense way 0 to
-# 4e-11), and pairs 1e-4 apart had KLs off by up to 2700x, negative ones included. At lower
-# ranks it stays: the dense way was 7-44x slower there (10^4 pairs, d = 16-64, rank 2-4), and
-# its float32 Cholesky failed (NaN) where D ~ 1e-6 beside WWᵀ ~ 1, which Woodbury handles
-# (found in review). Float64 (jax_enable_x64) keeps Woodbury's cancellation to ~1e-16 ΣM²/D.
+# dense way: Σ = WWᵀ + D factored, then the triangular path's non-negative terms. Below, the
+# Woodbury path (``_kl_gauss_lowrank``): the dense way was 7-44x slower there (10^4 pairs,
+# d = 16-64, rank 2-4), and its float32 Cholesky failed (NaN) where D ~ 1e-6 beside WWᵀ ~ 1,
+# which Woodbury handles (found in review). Woodbury once subtracted ‖L_C⁻¹WdᵀM‖² from ΣM²/D,
+# both large where D is small beside WWᵀ: float32 KL(q‖q) of low-rank q read 1.5e-4 to 3e-2
+# (d = 10-100, rank 3-40; the dense way 0 to 4e-11) and pairs 1e-4 apart had KLs off by up to
+# 2700x, negative ones included; its sums of squares now read 0 and 0.4-0.7% off there.
 
 
 def _dense(g: _Gauss, dep):
@@ -511,24 +518,26 @@ def _kl_gauss_lowrank(gp, gq):
             rhs.append(jnp.sqrt(v)[..., None, :] * jnp.eye(d, dtype=v.dtype))
         x = _solve_tril(_compile.after(gq.a, logdet_p), _columns(rhs + [delta]))
         return 0.5 * (jnp.sum(jnp.square(x), (-2, -1)) - d + _logdet(gq) - logdet_p)
-    # Woodbury, Σ_q⁻¹ = D⁻¹ − Wd C⁻¹ Wdᵀ (Wd = D⁻¹W, C = L_C L_Cᵀ): for columns M,
-    # tr(Mᵀ Σ_q⁻¹ M) = Σ M²/D − ‖L_C⁻¹ Wdᵀ M‖², and tr(Σ_q⁻¹ diag v) = Σ v/D − Σ_j v_j ‖z_j‖²
-    # with z_j the columns of L_C⁻¹ Wdᵀ.
+    # Woodbury, Σ_q⁻¹ = D⁻¹ − Wd C⁻¹ Wdᵀ (Wd = D⁻¹W, C = I + WᵀD⁻¹W = L_C L_Cᵀ). For the
+    # columns M of S and δ, as sums of squares: tr(Mᵀ Σ_q⁻¹ M) = ‖D^-½(M − WU)‖² + ‖U‖², U =
+    # C⁻¹ Wdᵀ M. The plain Σ M²/D − ‖L_C⁻¹ Wdᵀ M‖² subtracts two large numbers where D is small
+    # beside WWᵀ (a fitted posterior's q): float32 KL(q‖q) read 2e-4 to 3e-2 and KLs of pairs
+    # 1e-4 apart came out negative (d = 20-100, rank 3-40; found in review). And
+    # tr(Σ_q⁻¹ diag v) = Σ v/D − Σ_j v_j ‖z_j‖² (z_j the columns of L_C⁻¹ Wdᵀ), whose
+    # rounding is ~eps v_j/D_j per term: small where p's diagonal is q's size.
     D = gq.b
-    Wd, LC = _lowrank_capacitance(_compile.after(gq.a, logdet_p), D)
+    W = _compile.after(gq.a, logdet_p)
+    Wd, LC = _lowrank_capacitance(W, D)
     WdT = jnp.swapaxes(Wd, -1, -2)
-    blocks = [WdT @ m for m in rhs] + ([WdT] if v is not None else []) + [WdT @ delta]
-    z = _solve_tril(LC, _columns(blocks))
-    quad = jnp.sum(jnp.square(delta[..., 0]) / D, -1)
-    k = 0
-    if S is not None:
-        k = S.shape[-1]
-        quad = quad + jnp.sum(jnp.square(S) / D[..., :, None], (-2, -1))
+    M = _columns(rhs + [delta])
+    m = M.shape[-1]
+    z = _solve_tril(LC, _columns([WdT @ M] + ([WdT] if v is not None else [])))
+    U = _solve_triu_t(LC, z[..., :m])  # after z: chained (``_compile.after``)
+    resid = (M - W @ U) / jnp.sqrt(D)[..., :, None]
+    quad = jnp.sum(jnp.square(resid), (-2, -1)) + jnp.sum(jnp.square(U), (-2, -1))
     if v is not None:
-        quad = quad + jnp.sum(v / D, -1) - jnp.sum(jnp.square(z[..., k:k + d]) * v[..., None, :],
+        quad = quad + jnp.sum(v / D, -1) - jnp.sum(jnp.square(z[..., m:]) * v[..., None, :],
                                                    (-2, -1))
-    quad = quad - jnp.sum(jnp.square(z[..., :k]), (-2, -1)) - jnp.sum(jnp.square(z[..., -1:]),
-                                                                      (-2, -1))
     logdet_q = 2.0 * jnp.sum(jnp.log(jnp.diagonal(LC, axis1=-2, axis2=-1)), -1) + jnp.sum(
         jnp.log(D), -1)
     return 0.5 * (quad - d + logdet_q - logdet_p)
