@@ -1498,6 +1498,19 @@ def test_fit_many_rejects_mismatched_batches():
     make = lambda a, b: vi.Target.from_log_density(lambda z: -jnp.sum(z**2), 1)
     with pytest.raises(ValueError, match=r"\(3,\).*\(4,\)"):
         vi.fit_many(make, jnp.zeros(3), jnp.zeros(4), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"batched_args\[0\].*Python list.*jnp.asarray"):
+        vi.fit_many(lambda a: make(a, a), [[0.0, 0.0], [1.0, 1.0]], key=jax.random.key(0))
+
+
+def test_the_flags_of_a_missing_gap_estimate_are_booleans():
+    # A family without a spread gap (low-rank; mean-field past d = 64) has none to flag: the
+    # flags must negate to True. They were Python's False, and ~False is -1: fit_many's polish
+    # mask became [1, 0, ...] row indices, so a batch of one low-rank fit raised IndexError
+    # and larger ones quoted other problems' gaps in the message (found in review).
+    flagged = np.array([True, False]) & ~fit_module._spread_flags(None)
+    assert flagged.dtype == bool and flagged.tolist() == [True, False]
+    assert (np.array([True]) & ~fit_module._gap_flags(None)).dtype == bool
+    assert not fit_module._gap_open(None)
 
 
 def test_numpyro_target_round_trips_to_constrained_samples():

@@ -193,3 +193,47 @@ def test_every_lapack_call_of_the_kl_and_its_gradient_is_ordered(kinds, d, xla_d
         calls, unordered = _unordered_lapack_pairs(hlo)
         assert calls >= 1, f"{what}: no LAPACK call found (did the HLO text format change?)"
         assert not unordered, f"{kinds} {what}: LAPACK calls side by side: {unordered}"
+
+
+# (A full-rank final ELBO has one LAPACK call only here: XLA solves one of its two small
+# triangular systems itself.)
+@pytest.mark.parametrize("family,what", [
+    ("lowrank", "final_elbo"), ("lowrank", "final_elbo_many"), ("lowrank", "step_gradient"),
+    ("fullrank", "step_gradient"), ("lowrank", "kl_estimate"), ("fullrank", "kl_estimate")])
+def test_every_lapack_call_of_a_target_beside_log_q_is_ordered(family, what, xla_defaults):
+    # A Gaussian target solves a triangular system, and so does a full-rank or low-rank log q:
+    # over many draws (and problems), side by side, they deadlocked fit_many's final ELBO (200
+    # low-rank fits hung 5 of 12 runs, found in review). log q comes first, then the target
+    # (objectives.log_weights); kl_estimate's log p, then log q. Each case failed before.
+    import importlib
+
+    F = importlib.import_module("vi_engine.fit")
+    fam = vi.get_family(family)
+    d, b = 6, 4
+    a = jax.random.normal(jax.random.key(3), (d, d))
+    cov = a @ a.T / d + jnp.eye(d)
+    mus = jax.random.normal(jax.random.key(0), (b, d))
+    targets = jax.vmap(lambda m: vi.exact.gaussian(m, cov).target)(mus)
+    target = vi.exact.gaussian(mus[0], cov).target
+    params = fam.init(jax.random.key(1), d)
+    many = jax.tree_util.tree_map(lambda a: jnp.stack([a] * b), params)
+    key = jax.random.key(2)
+    if what == "final_elbo":
+        f, args = F._compiled_estimate(fam, 1000, False), (key, params, target)
+    elif what == "final_elbo_many":
+        f = F._compiled_estimate(fam, 1000, True)
+        args = (jax.random.split(key, b), many, targets)
+    elif what == "step_gradient":  # the fit's step, over the problems of fit_many
+        def loss(p, k, t):
+            return vi.ELBO().loss(p, k, fam, t, 16)[0]
+
+        f = jax.jit(jax.vmap(jax.grad(loss)))
+        args = (many, jax.random.split(key, b), targets)
+    else:
+        q = fam.to_distribution(jax.tree_util.tree_map(lambda a: a + 0.1, many))
+        p = fam.to_distribution(many)
+        f, args = jax.jit(lambda k: vi.kl_estimate(p, q, k, 1000).mean), (key,)
+    hlo = f.lower(*args).compile(compiler_options=xla_defaults).as_text()
+    calls, unordered = _unordered_lapack_pairs(hlo)
+    assert calls >= 2, f"{what}: {calls} LAPACK call(s) found (did the HLO text format change?)"
+    assert not unordered, f"{family} {what}: LAPACK calls side by side: {unordered}"

@@ -959,7 +959,7 @@ def _gap_flags(gap, limit=None):
     mean (or spread) stopped short: above the limit (``MEAN_GAP_LIMIT`` by default) and three
     standard errors."""
     if gap is None:
-        return False
+        return np.False_  # a NumPy bool: ``~`` negates it (``~False`` is -1, a row index)
     limit = MEAN_GAP_LIMIT if limit is None else limit
     mean, se = np.asarray(gap.mean), np.asarray(gap.stderr)
     return (mean > limit) & (mean > 3 * se)
@@ -974,7 +974,7 @@ def _gap_open(spread):
     """Where a ``_spread_gap`` estimate is above its limit but within three standard errors of
     zero: no verdict yet (``_finish`` adds draws)."""
     if spread is None:
-        return False
+        return np.False_
     mean = np.asarray(spread.mean)
     return (mean > SPREAD_GAP_LIMIT) & ~_spread_flags(spread)
 
@@ -2454,8 +2454,12 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
         for leaf in leaves:
             shape = jnp.shape(leaf)
             if len(shape) == 0:
+                # A list of rows is a pytree of scalars to JAX (found in review).
+                hint = ("; it is a Python list/tuple, whose entries JAX takes as separate "
+                        "leaves: pass an array (jnp.asarray(...))"
+                        if isinstance(a, (list, tuple)) else "")
                 raise ValueError(
-                    f"batched_args[{i}]: expected a leading batch axis, got a scalar"
+                    f"batched_args[{i}]: expected a leading batch axis, got a scalar{hint}"
                 )
             sizes.append((i, shape))
     batch = {s[0] for _, s in sizes}

@@ -265,7 +265,9 @@ def _kl_samples(p, q, key, n):
     valid = p.support(x)
     log_p = jnp.where(valid, p.log_prob(x), 0.0)
     in_q = q.support(x)
-    log_q = jnp.where(in_q, q.log_prob(x), -jnp.inf)
+    # log q after log p (``_compile.after``): a Gaussian's solves its triangular systems, and
+    # two batched LAPACK calls side by side deadlock jaxlib 0.10 on CPU (as in log_weights).
+    log_q = jnp.where(in_q, q.log_prob(_compile.after(x, log_p)), -jnp.inf)
     f = log_p - log_q
     if not p.has_rsample:
         # Score-function term ("magic box"): value unchanged, gradient gains f · ∇log p.

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from vi_engine import _compile
 from vi_engine._checks import is_real as _is_real
 from vi_engine._checks import positive_int as _positive_int
 
@@ -57,6 +58,11 @@ class Estimate(NamedTuple):
 def _log_density(target, z):
     """``target.log_density`` over a leading batch of draws ``z: (n, dim) -> (n,)``."""
     return jax.vmap(target.log_density)(z)
+
+
+def _tree_after(tree, dep):
+    """Every floating leaf of ``tree`` computed after ``dep`` (``_compile.after``)."""
+    return jax.tree_util.tree_map(lambda x: _compile.after(x, dep), tree)
 
 
 def _check_loss_args(key, family, num_samples):
@@ -92,7 +98,12 @@ def log_weights(key, family, params, target, num_samples, *, stop_q_grad=False):
         log_q = family.log_prob(jax.lax.stop_gradient(params), z)
     else:
         z, log_q = family.sample_and_log_prob(key, params, num_samples)
-    return _log_density(target, z) - log_q
+    # The target after log q, forward and backward (``_compile.after``): a full-rank or
+    # low-rank log q solves triangular systems, and so may the target (a Gaussian's, a GP's);
+    # batched over many draws and problems, two such LAPACK calls side by side deadlock jaxlib
+    # 0.10 on CPU. Found in review: fit_many's final ELBO of 200 low-rank fits to Gaussians
+    # hung 5 of 12 runs.
+    return _log_density(target, _compile.after(z, log_q)) - log_q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +139,9 @@ class ELBO:
                     "entropy; use estimator='stl' or 'reparam'"
                 )
             z = family.sample(key, params, num_samples)
-            bound = jnp.mean(_log_density(target, z)) + family.entropy(params)
+            log_p = _log_density(target, z)
+            # After the target, as log q in log_weights: a low-rank entropy factors a matrix.
+            bound = jnp.mean(log_p) + family.entropy(_tree_after(params, log_p))
             return -bound, bound
         lw = log_weights(
             key, family, params, target, num_samples, stop_q_grad=self.estimator == "stl"
