@@ -148,6 +148,9 @@ def test_options_take_numpy_scalars_and_refuse_bools_and_non_finite_values():
     flow = vi.Flow(num_layers=np.int64(2), hidden=(np.int32(8),))
     assert type(flow.num_layers) is int and type(flow.hidden[0]) is int
     assert flow.init(jax.random.key(0), np.int64(2))["loc"].shape == (2,)
+    # Whole-number widths from a float config or a JAX array, and 0-d integer arrays, too.
+    assert vi.Flow(hidden=(32.0,)).hidden == vi.Flow(hidden=tuple(jnp.array([32]))).hidden == (32,)
+    assert vi.LowRank(rank=jnp.int32(3)).rank == 3
     bad = [(lambda: vi.LowRank(rank=True), "rank"),
            (lambda: vi.MeanField(init_scale=np.inf), "init_scale"),
            (lambda: vi.MeanField().init(jax.random.key(0), 2.0), "dim"),

@@ -4,7 +4,8 @@ Every option that configures a compiled program (``num_samples``, a family's ``r
 flow's widths...) is stored as a plain Python ``int`` or ``float``, so that two fits with the
 same settings share one compiled program whatever number type was passed.
 
->>> import numpy as np
+>>> import jax
+import numpy as np
 >>> positive_int("rank", np.int64(2)), positive_number("init_scale", np.float32(0.5))
 (2, 0.5)
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
 
@@ -23,8 +25,22 @@ def is_real(x) -> bool:
 
 
 def is_int(x) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+    """A Python or NumPy integer, or a concrete 0-d integer array (NumPy or JAX); not a bool."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, np.integer)):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return (getattr(x, "ndim", None) == 0 and dtype is not None
+            and np.issubdtype(dtype, np.integer) and not isinstance(x, jax.core.Tracer))
+
+
+def layer_width(name, value) -> int:
+    """A layer width: ``positive_int``, also taking a whole-number float (``32.0``, from a
+    float config), but not a fractional one (``2.5`` was truncated to 2 once)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    return positive_int(name, value)
 
 
 def positive_int(name, value, none_ok=False, minimum=1) -> int | None:

@@ -39,7 +39,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
-from vi_engine._checks import is_int, positive_int
+from vi_engine._checks import is_int, layer_width, positive_int
 from vi_engine.fit import _update
 from vi_engine.kl import kl_divergence
 
@@ -96,7 +96,7 @@ class VAE:
 
     def __post_init__(self):
         # Plain ints: a float width (2.5) was truncated to 2 silently.
-        object.__setattr__(self, "hidden", tuple(positive_int("VAE(hidden=...) width", h)
+        object.__setattr__(self, "hidden", tuple(layer_width("VAE(hidden=...) width", h)
                                                  for h in self.hidden))
         for field in ("data_dim", "latent_dim"):
             object.__setattr__(self, field, positive_int(f"VAE({field}=...)",

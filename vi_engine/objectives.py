@@ -359,7 +359,8 @@ def check_key(key):
 def check_params(name, family, params, dim, batch=None):
     """A ValueError unless ``params`` have the structure and shapes of ``family.init(key,
     dim)`` (with a leading ``batch`` axis on every leaf if given), a TypeError unless they are
-    floating-point. Shapes and dtypes only: works on tracers, compiles nothing."""
+    floating-point where ``init``'s are. Shapes and dtypes only: works on tracers, compiles
+    nothing."""
     want = jax.eval_shape(lambda k: family.init(k, dim), jax.random.key(0))
     if batch is not None:
         want = jax.tree_util.tree_map(
@@ -380,8 +381,9 @@ def check_params(name, family, params, dim, batch=None):
             f"{shapes(want)}; got {shapes(params)}"
             + ("; for a batch of problems, vmap over it" if stacked else "")
         )
-    ints = [jnp.result_type(a) for a in got_leaves
-            if not jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    ints = [jnp.result_type(a) for a, b in zip(got_leaves, want_leaves, strict=True)
+            if jnp.issubdtype(b.dtype, jnp.inexact)
+            and not jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
     if ints:  # found in review: an integer array passed, then failed inside jax.random
         raise TypeError(f"{name}: expected floating-point arrays, got dtype {ints[0]} "
                         f"(params of {family.name} for dim {dim}; e.g. jnp.asarray(x, float))")

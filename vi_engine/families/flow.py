@@ -48,7 +48,7 @@ from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform
 
-from vi_engine._checks import positive_int, positive_number
+from vi_engine._checks import layer_width, positive_int, positive_number
 from vi_engine.families.base import Family, Params
 
 _KINDS = ("realnvp",)
@@ -197,7 +197,7 @@ class Flow(Family):
     def __post_init__(self):
         # Plain Python numbers (part of a compiled fit's static key); a float width (2.5) was
         # truncated, and an infinite scale_bound or init_scale made every log density NaN.
-        hidden = tuple(positive_int("Flow(hidden=...) width", h) for h in self.hidden)
+        hidden = tuple(layer_width("Flow(hidden=...) width", h) for h in self.hidden)
         object.__setattr__(self, "hidden", hidden)
         if self.kind not in _KINDS:
             raise ValueError(f"Flow(kind=...): got {self.kind!r}; expected one of {_KINDS}")
