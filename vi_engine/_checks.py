@@ -1,11 +1,11 @@
-"""Checks of scalar options shared by the public API: a Python or NumPy number, never a bool.
+"""Checks of scalar options shared by the public API: a Python or NumPy number (an integer
+also as a concrete 0-d array), never a bool.
 
 Every option that configures a compiled program (``num_samples``, a family's ``rank``, a
 flow's widths...) is stored as a plain Python ``int`` or ``float``, so that two fits with the
 same settings share one compiled program whatever number type was passed.
 
->>> import jax
-import numpy as np
+>>> import numpy as np
 >>> positive_int("rank", np.int64(2)), positive_number("init_scale", np.float32(0.5))
 (2, 0.5)
 """
