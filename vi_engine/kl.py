@@ -385,6 +385,17 @@ def _solve_tril(L, B):
     return _trsm(L, B)
 
 
+def _woodbury_sumsq(W, D, LC, M, z):
+    """``mᵀ(WWᵀ + diag D)⁻¹m`` for each column ``m`` of ``M`` ``(…, d, k)``: ``(…, k)``, as
+    ``‖D^-½(m − Wu)‖² + ‖u‖²`` with ``u = C⁻¹WᵀD⁻¹m``, from ``z = L_C⁻¹ WᵀD⁻¹ M`` and the
+    capacitance factor ``LC`` (``_lowrank_capacitance``). A sum of squares, where the textbook
+    ``Σ m²/D − ‖z‖²`` subtracts two large numbers when D is small beside WWᵀ (see
+    ``_kl_gauss_lowrank`` and ``LowRank.log_prob``). ``u`` is solved after ``z``: chained."""
+    u = _solve_triu_t(LC, z)
+    resid = (M - W @ u) / jnp.sqrt(D)[..., :, None]
+    return jnp.sum(jnp.square(resid), -2) + jnp.sum(jnp.square(u), -2)
+
+
 def _solve_triu_t(L, B):
     """L⁻ᵀ B for lower-triangular L, by ``_solve_tril`` (its one-solve gradient) on the
     reversal of Lᵀ, which is lower-triangular: L⁻ᵀ = J (J Lᵀ J)⁻¹ J, J the reversal."""
@@ -534,9 +545,7 @@ def _kl_gauss_lowrank(gp, gq):
     M = _columns(rhs + [delta])
     m = M.shape[-1]
     z = _solve_tril(LC, _columns([WdT @ M] + ([WdT] if v is not None else [])))
-    U = _solve_triu_t(LC, z[..., :m])  # after z: chained (``_compile.after``)
-    resid = (M - W @ U) / jnp.sqrt(D)[..., :, None]
-    quad = jnp.sum(jnp.square(resid), (-2, -1)) + jnp.sum(jnp.square(U), (-2, -1))
+    quad = jnp.sum(_woodbury_sumsq(W, D, LC, M, z[..., :m]), -1)
     if v is not None:
         quad = quad + jnp.sum(v / D, -1) - jnp.sum(jnp.square(z[..., m:]) * v[..., None, :],
                                                    (-2, -1))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
+from vi_engine import kl as _kl
 from vi_engine._checks import positive_int, positive_number
 from vi_engine.families.base import Family
 
@@ -248,32 +249,20 @@ class LowRank(Family):
         )
 
     def log_prob(self, params, z):
-        # Woodbury with the quadratic form as a sum of squares. With x = D⁻¹(z − μ), A = D⁻¹W
-        # and K = I + AᵀA = LLᵀ: xᵀ(I + AAᵀ)⁻¹x = |x − Au|² + |u|², u = K⁻¹Aᵀx. numpyro's
-        # |x|² − |L⁻¹Aᵀx|² subtracts two large numbers where D is small beside W, the strongly
-        # correlated posteriors low-rank q is for: float32 log q was off by 0.9 nats at
-        # correlation 0.99999 (d = 10, rank 1) and by 97 at d = 20, rank 10, D = 1e-3 (found
-        # in review); this form, by 2e-4 and 3e-3 (against scipy in float64).
-        loc, W = params.loc, params.cov_factor
-        scale = jnp.exp(params.log_diag)
-        A = W / scale[..., :, None]
-        At = jnp.swapaxes(A, -1, -2)
-        L = jnp.linalg.cholesky(jnp.eye(W.shape[-1], dtype=W.dtype) + At @ A)
-        x = (z - loc) / scale  # (..., dim)
-        if L.ndim == 2:  # one q: every point a right-hand side of one solve
-            xs = jnp.reshape(x, (-1, x.shape[-1]))
-            u = jax.scipy.linalg.cho_solve((L, True), At @ xs.T)  # (rank, points)
-            quad = jnp.sum(jnp.square(xs - (A @ u).T), -1) + jnp.sum(jnp.square(u), 0)
-            quad = jnp.reshape(quad, x.shape[:-1])
-        else:  # a batch of q: one right-hand side per point and q
-            batch = jnp.broadcast_shapes(x.shape[:-1], L.shape[:-2])
-            L, A = (jnp.broadcast_to(m, batch + m.shape[-2:]) for m in (L, A))
-            x = jnp.broadcast_to(x, batch + x.shape[-1:])
-            u = jax.scipy.linalg.cho_solve((L, True), jnp.swapaxes(A, -1, -2) @ x[..., None])
-            quad = (jnp.sum(jnp.square(x - (A @ u)[..., 0]), -1)
-                    + jnp.sum(jnp.square(u), (-2, -1)))
+        # Woodbury with the quadratic form as a sum of squares (kl._woodbury_sumsq), through
+        # the KL's solves (one triangular solve per gradient, chained: its LAPACK calls never
+        # run side by side). numpyro's |x|² − |L⁻¹Aᵀx|² subtracts two large numbers where D is
+        # small beside W, the strongly correlated posteriors low-rank q is for: float32 log q
+        # was off by 0.9 nats at correlation 0.99999 (d = 10, rank 1) and by 97 at d = 20,
+        # rank 10, D = 1e-3 (found in review); this form, by 2e-4 and 3e-3 (against scipy in
+        # float64).
+        W, D = params.cov_factor, jnp.exp(2.0 * params.log_diag)
+        Wd, LC = _kl._lowrank_capacitance(W, D)
+        M = (z - params.loc)[..., None]  # each point a column (…, dim, 1)
+        u = _kl._solve_tril(LC, jnp.swapaxes(Wd, -1, -2) @ M)
+        quad = _kl._woodbury_sumsq(W, D, LC, M, u)[..., 0]
         logdet = 2.0 * (jnp.sum(params.log_diag, -1)
-                        + jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1))
+                        + jnp.sum(jnp.log(jnp.diagonal(LC, axis1=-2, axis2=-1)), -1))
         return -0.5 * (quad + logdet + z.shape[-1] * math.log(2.0 * math.pi))
 
     def entropy(self, params):
