@@ -69,6 +69,7 @@ from vi_engine.objectives import (
     check_target,
     elbo,
     get_objective,
+    warn_nonfinite,
 )
 from vi_engine.targets import Target, _under_transformation
 
@@ -1330,17 +1331,9 @@ def _warn_nonfinite_elbo(estimate):
     """Warn once (when first computed) if the final ELBO estimate is NaN or infinite: a target
     that is NaN or -inf at some of q's draws, which the fit's one or few draws per step may
     never have met (found in review: converged, ELBO NaN, no word)."""
-    bad = ~np.isfinite(np.asarray(estimate.mean))
-    if not np.any(bad):
-        return
-    where = "" if bad.ndim == 0 else f" for problems {np.flatnonzero(bad)[:10].tolist()}"
-    warnings.warn(
-        f"FitResult.elbo: the final ELBO estimate is {np.asarray(estimate.mean)[bad].flat[0]}"
-        f"{where}: the target's log density is NaN or infinite at some draws of q, which the "
-        "fit's steps did not meet. A target must be finite on all of R^dim (map constrained "
-        "parameters to R first, e.g. log(z + c) -> a softplus or an exp transform).",
-        RuntimeWarning, stacklevel=3,
-    )
+    warn_nonfinite(estimate.mean, "FitResult.elbo: the final ELBO estimate",
+                   "the target's log density is NaN or infinite at some draws of q, which the "
+                   "fit's steps did not meet", stacklevel=3)
 
 
 class _PendingEstimate:

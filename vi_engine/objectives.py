@@ -316,15 +316,28 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
     stderr = (jnp.std(lw, ddof=1) / math.sqrt(n) if n > 1
               else jnp.full((), jnp.nan, lw.dtype))
     mean = jnp.mean(lw)
-    if not isinstance(mean, jax.core.Tracer) and not np.isfinite(np.asarray(mean)):
+    if not isinstance(mean, jax.core.Tracer):
         # As fit's FitResult.elbo: called eagerly, a NaN/inf estimate says why (found in
         # review: a target NaN at some draws of q, finite at the construction's test point).
-        warnings.warn(
-            f"vi.elbo: the estimate is {float(mean)}: the target's log density (or log q) is "
-            "NaN or infinite at some draws of q. A target must be finite on all of R^dim (map "
-            "constrained parameters to R first, e.g. log(z + c) -> a softplus or an exp "
-            "transform).", RuntimeWarning, stacklevel=2)
+        warn_nonfinite(mean, "vi.elbo: the estimate",
+                       "the target's log density (or log q) is NaN or infinite at some draws "
+                       "of q", stacklevel=2)
     return Estimate(mean, stderr)
+
+
+def warn_nonfinite(mean, what, cause, stacklevel):
+    """A RuntimeWarning ``"{what} is {value}[ for problems ...]: {cause}. A target must be
+    finite..."`` if the (host) ELBO estimate ``mean`` (a scalar or one per problem) is NaN or
+    infinite; nothing otherwise. ``stacklevel``: as ``warnings.warn``'s, counted from here."""
+    mean = np.asarray(mean)
+    bad = ~np.isfinite(mean)
+    if not np.any(bad):
+        return
+    where = "" if bad.ndim == 0 else f" for problems {np.flatnonzero(bad)[:10].tolist()}"
+    warnings.warn(
+        f"{what} is {mean[bad].flat[0]}{where}: {cause}. A target must be finite on all of "
+        "R^dim (map constrained parameters to R first, e.g. log(z + c) -> a softplus or an exp "
+        "transform).", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def check_target(target):

@@ -373,12 +373,10 @@ class Target:
         """Ordered :class:`Site` infos (latent sites in ``z`` order, then deterministic)."""
         if self._spec is None:
             return ()
-        # From the trace at z = 0, not a draw from the prior: an improper prior cannot be drawn
-        # from (a bare NotImplementedError, found in review), and a support that depends on
-        # other sites (Uniform(-a, a)) got bounds from a random draw of them.
-        args, kwargs = self._model_args()
-        tr = _trace_at_zero(self._spec.model, self.name, args, kwargs)
-        transforms = {s.name: biject_to(tr[s.name]["fn"].support) for s in self._spec.latent}
+        # At z = 0, not at a draw from the prior: an improper prior cannot be drawn from (a bare
+        # NotImplementedError, found in review), and a support that depends on other sites
+        # (Uniform(-a, a)) got bounds from a random draw of them.
+        transforms = self._transforms()
         return tuple(
             Site(
                 s.name,
@@ -400,11 +398,15 @@ class Target:
     def _model_args(self):
         return self._spec.args_kwargs(self.data)
 
-    def _transforms(self, values):
-        """Each latent site's ``biject_to(support)`` with the latent sites at ``values``."""
+    def _transforms(self, values=None):
+        """Each latent site's ``biject_to(support)`` with the latent sites at ``values``
+        (``None``: at their image of ``z = 0``)."""
         args, kwargs = self._model_args()
-        model = substitute(seed(self._spec.model, rng_seed=0), data=values)
-        tr = trace(model).get_trace(*args, **kwargs)
+        if values is None:
+            tr = _trace_at_zero(self._spec.model, self.name, args, kwargs)
+        else:
+            model = substitute(seed(self._spec.model, rng_seed=0), data=values)
+            tr = trace(model).get_trace(*args, **kwargs)
         return {s.name: biject_to(tr[s.name]["fn"].support) for s in self._spec.latent}
 
     def constrain(self, z) -> dict:
