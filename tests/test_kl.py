@@ -699,6 +699,19 @@ def test_kl_estimate_gradient_matches_closed_form():
     np.testing.assert_allclose(jax.jit(jax.grad(est_bern))(1.0), exact(1.0), rtol=0.1)
 
 
+def test_kl_estimate_is_inf_not_nan_for_a_score_function_pair_outside_the_support():
+    # p without reparameterized draws: the score-function term's 0 · inf made NaN where a draw
+    # falls outside q's support (found in review); the KL, and its estimate, are inf.
+    for p, q in ((dist.Categorical(jnp.array([0.5, 0.5])), dist.Categorical(jnp.array([1.0, 0.0]))),
+                 (dist.Poisson(3.0), dist.Binomial(5, 0.5))):
+        est = vi.kl_estimate(p, q, jax.random.key(0), 1000)
+        assert np.isposinf(est.estimate), est
+    # Inside the support the score-function gradient is unchanged (finite).
+    g = jax.grad(lambda r: vi.kl_estimate(dist.Poisson(r), dist.Poisson(3.0), jax.random.key(1),
+                                          2000).estimate)(2.0)
+    assert np.isfinite(g)
+
+
 def test_kl_estimate_chunking_and_base():
     p, q = dist.Normal(0.0, 1.0), dist.Normal(1.0, 1.5)
     a = kl_estimate(p, q, KEY, 40_000)

@@ -533,6 +533,17 @@ def test_invalid_entries_are_nan_not_dropped(jit):
     assert float(wrap(jax.grad(m.conditional_entropy))(joint0)[0, 1]) == 0.0
 
 
+def test_validate_tolerance_does_not_grow_with_the_table_length():
+    # A float32 row of K = 50,000 summing to 1.07 passed a √K-scaled tolerance, and its
+    # entropy exceeded log K (found in review); a float32 softmax row of that length is within
+    # 1e-6 and passes.
+    k = 50_000
+    with pytest.raises(ValueError, match=r"sums to 1\.0(7|69)"):
+        m.entropy(jnp.full((k,), 1.07 / k, jnp.float32), validate=True)
+    row = jax.nn.softmax(jax.random.normal(jax.random.key(0), (k,)))
+    assert float(m.entropy(row, validate=True)) <= np.log(k)
+
+
 def test_validate_reports_offending_values():
     with pytest.raises(ValueError, match=r"-0\.1.*index \(1,\)"):
         m.entropy(jnp.array([0.6, -0.1, 0.5]), validate=True)

@@ -270,8 +270,12 @@ def _kl_samples(p, q, key, n):
     log_q = jnp.where(in_q, q.log_prob(_compile.after(x, log_p)), -jnp.inf)
     f = log_p - log_q
     if not p.has_rsample:
-        # Score-function term ("magic box"): value unchanged, gradient gains f · ∇log p.
-        f = f + lax.stop_gradient(f) * (log_p - lax.stop_gradient(log_p))
+        # Score-function term ("magic box"): value unchanged, gradient gains f · ∇log p. Its
+        # factor is 0 in value, and inf · 0 is NaN: where f is inf (a draw outside q's support)
+        # the term is left out, so the estimate is inf, as the KL is (it was NaN, found in
+        # review: Categorical([.5, .5]) against Categorical([1, 0])).
+        weight = lax.stop_gradient(jnp.where(jnp.isfinite(f), f, 0.0))
+        f = f + weight * (log_p - lax.stop_gradient(log_p))
     batch = jnp.broadcast_shapes(f.shape, valid.shape)
     return jnp.broadcast_to(f, batch), jnp.broadcast_to(valid, batch)
 
