@@ -833,6 +833,55 @@ def _check_observations(prior, obs):
         )
 
 
+# One conjugate update's KL(posterior_t‖posterior_{t−1}), for Beta, Dirichlet and Gamma. The
+# closed form subtracts log-normalizers of size ~a·log a that grow with every observation to
+# get a KL of size ~1/a: in float32, Beta–Bernoulli surprises were 4.2e-5 against 1.9e-4 at
+# t = 1000 and 8,988 of 20,000 were negative, Gamma–Poisson 17% off at t = 100 (found in
+# review). For an exponential family the KL is the Bregman divergence of its log-normalizer A
+# in the natural parameters η, and Taylor's theorem with integral remainder writes it as
+#   KL = ∫₀¹ (1 − s) δᵀ ∇²A(η_t + s δ) δ ds,   δ = η_{t−1} − η_t,
+# where ∇²A (trigamma terms: the Fisher information) has no such cancellation. 8-point
+# Gauss–Legendre is exact to rounding while the parameters change by at most half along the
+# path (the integrand is analytic well beyond it); larger steps, where the KL is O(1) and the
+# closed form is accurate, keep the closed form.
+_GL_S, _GL_W = (lambda n, w: ((n + 1.0) / 2.0, w / 2.0 * (1.0 - (n + 1.0) / 2.0)))(
+    *np.polynomial.legendre.leggauss(8))
+_BREGMAN_MAX_CHANGE = 0.5
+
+
+def _conjugate_step_kl(prior, new, old, make):
+    """KL(make(new)‖make(old)) for one conjugate update of a Beta, Dirichlet or Gamma prior's
+    parameters (tuples of arrays ``(*batch, *event)``), as the Bregman integral above."""
+    from jax.scipy.special import polygamma
+
+    dtype = new[0].dtype
+    direct = _nkl.kl_divergence(make(new), make(old))
+    w = jnp.asarray(_GL_W, dtype)
+    if isinstance(prior, Gamma):
+        s = jnp.asarray(_GL_S, dtype).reshape(-1, *([1] * new[0].ndim))
+        (a1, b1), (a0, b0) = new, old  # shape a + x, rate b + 1
+        x, db = a1 - a0, b1 - b0
+        a, b = a1 - s * x, b1 - s * db  # along the path back to (a0, b0)
+        # η = (a, −b), A = log Γ(a) − a log b: δ = (−x, db) and
+        # δᵀ∇²Aδ = x² ψ'(a) − 2 x db / b + db² a / b².
+        quad = jnp.square(x) * polygamma(1, a) - 2.0 * x * db / b + jnp.square(db) * a / (b * b)
+        change = jnp.maximum(x / a0, db / b0)
+    else:
+        if isinstance(prior, Beta):
+            conc1, conc0 = jnp.stack([new[0], new[1]], -1), jnp.stack([old[0], old[1]], -1)
+        else:
+            conc1, conc0 = new[0], old[0]
+        c = conc1 - conc0  # the counts added, >= 0
+        s = jnp.asarray(_GL_S, dtype).reshape(-1, *([1] * conc1.ndim))
+        conc = conc1 - s * c
+        # A = Σ log Γ(α_k) − log Γ(α₀): δᵀ∇²Aδ = Σ c_k² ψ'(α_k) − C² ψ'(α₀).
+        quad = (jnp.sum(jnp.square(c) * polygamma(1, conc), -1)
+                - jnp.square(jnp.sum(c, -1)) * polygamma(1, jnp.sum(conc, -1)))
+        change = jnp.max(c / conc0, -1)
+    bregman = jnp.maximum(jnp.tensordot(w, quad, axes=1), 0.0)
+    return jnp.where(change <= _BREGMAN_MAX_CHANGE, bregman, direct)
+
+
 def streaming_surprise(prior, observations, *, obs_scale=None, base=None,
                        return_posterior: bool = False):
     """Surprise of each observation: KL(posterior_t‖posterior_{t−1}) (Itti & Baldi 2005).
@@ -931,7 +980,9 @@ def streaming_surprise(prior, observations, *, obs_scale=None, base=None,
 
     def step(state, x):
         new = update(state, x)
-        return new, _nkl.kl_divergence(make(new), make(state))
+        if isinstance(prior, Normal):
+            return new, _nkl.kl_divergence(make(new), make(state))
+        return new, _conjugate_step_kl(prior, new, state, make)
 
     final, surprises = lax.scan(step, params, obs)
     log_base = _log_base(base, dtype)
