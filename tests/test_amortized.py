@@ -102,3 +102,30 @@ def test_train_passes_the_loss_to_optimizers_that_take_it(data):
     res = am.train(jax.random.key(0), data.x_train[:64], hidden=(16,), num_steps=20,
                    batch_size=16, steps_per_chunk=10, optimizer=opt, progress=False)
     assert np.all(np.isfinite(np.asarray(res.losses)))
+
+
+def test_train_stops_on_a_non_finite_step_and_keeps_the_last_finite_parameters():
+    # optax.sgd(1e4) diverges at step 2: it came back as NaN losses and NaN parameters,
+    # silently (found in review). Now a warning names the step, and the parameters are those
+    # of the steps before it (the chunk's finite steps replayed).
+    x = (np.random.default_rng(0).random((64, 6)) < 0.3).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss or parameters at step 2 .*first 2"):
+        res = am.train(jax.random.key(0), x, hidden=(8,), num_steps=40, batch_size=16,
+                       steps_per_chunk=20, optimizer=optax.sgd(1e4), progress=False)
+    assert res.losses.shape == (2,) and np.all(np.isfinite(res.losses))
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(res.params))
+    # NaN in the data fails both range comparisons: named instead.
+    x[3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"x_train: 1 NaN/inf entries out of 384"):
+        am.train(jax.random.key(0), x, hidden=(8,), num_steps=4, batch_size=16, progress=False)
+
+
+def test_elbo_and_iwae_check_their_sample_counts():
+    model = am.VAE(data_dim=4, latent_dim=2, hidden=(8,))
+    params = model.init(jax.random.key(0))
+    x = jnp.ones((3, 4))
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match=r"elbo\(num_samples=\.\.\.\)"):
+            am.elbo(model, params, jax.random.key(1), x, num_samples=bad)
+        with pytest.raises(ValueError, match=r"iwae_bound\(chunk_size=\.\.\.\)"):
+            am.iwae_bound(model, params, jax.random.key(1), x, num_samples=10, chunk_size=bad)

@@ -370,3 +370,19 @@ def test_init_compiles_once_per_flow_dim_and_dtype():
         jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
     flow.init(jax.random.key(1), 4)  # another dim: its own program
     assert compiled._cache_size() == size + 1
+
+
+def test_flow_options_and_one_dimension_are_reported():
+    # hidden=32 raised "'int' object is not iterable"; a 1-D flow is silently a Gaussian (its
+    # couplings are affine there); a flow whose spread ran away had no runaway message, since
+    # it has no closed-form variance (all found in review).
+    with pytest.raises(ValueError, match=r"Flow\(hidden=\.\.\.\): expected a sequence"):
+        vi.Flow(hidden=32)
+    target = vi.Target.from_log_density(lambda z: z[0] - jnp.exp(z[0]), 1)
+    with pytest.warns(RuntimeWarning, match="1-D target.*q is a Gaussian"):
+        vi.fit(target, vi.Flow(num_layers=2, hidden=(8,)), key=jax.random.key(0),
+               num_steps=20, tol=None, progress=False, num_elbo_samples=0)
+    flat = vi.Target.from_log_density(lambda z: -0.5 * z[0] ** 2, 2)  # flat along z[1]
+    res = vi.fit(flat, vi.Flow(num_layers=2, hidden=(8,)), key=jax.random.key(0),
+                 num_steps=3000, progress=False)
+    assert res.status == "max_steps" and "sd ran away" in res.message and "z[1]" in res.message

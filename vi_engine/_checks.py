@@ -43,6 +43,16 @@ def layer_width(name, value) -> int:
     return positive_int(name, value)
 
 
+def layer_widths(name, value) -> tuple[int, ...]:
+    """A network's hidden widths as a tuple of ``layer_width``s; ``name`` is the option's
+    (``"Flow(hidden=...)"``). A bare number is refused, not read as one layer: ``hidden=32``
+    raised ``'int' object is not iterable`` (found in review)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name}: expected a sequence of layer widths such as (32, 32), "
+                         f"got {value!r}")
+    return tuple(layer_width(f"{name} width", h) for h in value)
+
+
 def positive_int(name, value, none_ok=False, minimum=1) -> int | None:
     """``value`` as an ``int`` >= ``minimum`` (Python or NumPy integer, not a bool), else a
     ValueError naming ``name``; ``None`` passes through with ``none_ok``."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -39,7 +40,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
-from vi_engine._checks import is_int, layer_width, positive_int
+from vi_engine._checks import is_int, layer_widths, positive_int
 from vi_engine.fit import _update
 from vi_engine.kl import kl_divergence
 
@@ -96,8 +97,7 @@ class VAE:
 
     def __post_init__(self):
         # Plain ints: a float width (2.5) was truncated to 2 silently.
-        object.__setattr__(self, "hidden", tuple(layer_width("VAE(hidden=...) width", h)
-                                                 for h in self.hidden))
+        object.__setattr__(self, "hidden", layer_widths("VAE(hidden=...)", self.hidden))
         for field in ("data_dim", "latent_dim"):
             object.__setattr__(self, field, positive_int(f"VAE({field}=...)",
                                                          getattr(self, field)))
@@ -178,6 +178,7 @@ def elbo(model: VAE, params: Params, key: jax.Array, x: jax.Array,
     True
     """
     _check_data(model, x, "x")
+    num_samples = positive_int("elbo(num_samples=...)", num_samples)
     q = encode(model, params, x)
     z = q.rsample(key, (num_samples,))  # (S, batch, latent)
     recon = jnp.mean(_bernoulli_log_lik(decode(model, params, z), x[None]), axis=0)
@@ -210,7 +211,7 @@ def iwae_bound(model: VAE, params: Params, key: jax.Array, x: jax.Array,
                  + _std_normal_log_prob(z) - jnp.sum(q.log_prob(z), axis=-1))
         return jax.scipy.special.logsumexp(log_w, axis=0)  # (batch,)
 
-    chunk_size = max(1, min(int(chunk_size), num_samples))
+    chunk_size = min(positive_int("iwae_bound(chunk_size=...)", chunk_size), num_samples)
     num_full, rest = divmod(num_samples, chunk_size)
     k_full, k_rest = jax.random.split(key)
     parts = jax.lax.map(lambda k: chunk_lse(k, chunk_size), jax.random.split(k_full, num_full))
@@ -235,7 +236,10 @@ def train(key: jax.Array, x_train, *, model: VAE | None = None, latent_dim: int 
     """Train a VAE by maximizing the minibatch ELBO with optax.
 
     Steps run in jit-compiled chunks (``lax.scan`` of ``steps_per_chunk`` steps); the tqdm bar
-    is updated between chunks, so the Python loop costs nothing per step.
+    is updated between chunks, so the Python loop costs nothing per step. A chunk whose losses
+    or parameters are not finite (a diverging optimizer) stops the training with a
+    ``RuntimeWarning`` naming the first non-finite step; the result then holds the parameters
+    and losses of the steps before it (that chunk's finite steps replayed).
 
     Args:
       key: PRNG key (init, minibatches, reparameterization noise).
@@ -253,7 +257,7 @@ def train(key: jax.Array, x_train, *, model: VAE | None = None, latent_dim: int 
     if not jnp.issubdtype(x_train.dtype, jnp.floating):
         x_train = x_train.astype(jnp.result_type(float))
     if model is None:
-        model = VAE(data_dim, latent_dim, tuple(hidden))
+        model = VAE(data_dim, latent_dim, hidden)
     _check_data(model, x_train, "x_train")
     if not (is_int(batch_size) and 1 <= batch_size <= n):
         raise ValueError(f"train(batch_size=...): got {batch_size!r}; expected an integer in "
@@ -289,11 +293,35 @@ def train(key: jax.Array, x_train, *, model: VAE | None = None, latent_dim: int 
     carry = (params, opt_state)
     with tqdm(total=num_steps, disable=not progress, desc="VAE", unit="step") as bar:
         for start in range(0, num_steps, steps_per_chunk):
-            carry, chunk_losses = run_chunk(carry, keys[start:start + steps_per_chunk])
+            new, chunk_losses = run_chunk(carry, keys[start:start + steps_per_chunk])
+            # One sync per chunk, as the bar's: a NaN must not come back as trained parameters.
+            finite = np.isfinite(np.asarray(chunk_losses))
+            if not (finite.all() and _all_finite(new[0])):
+                bad = start + (int(np.argmin(finite)) if not finite.all() else len(finite) - 1)
+                if bad > start:  # replay the chunk's finite steps (same keys, same steps)
+                    replay, replay_losses = run_chunk(carry, keys[start:bad])
+                    if _all_finite(replay[0]):
+                        carry = replay
+                        losses.append(replay_losses)
+                done = sum(int(x.shape[0]) for x in losses)
+                warnings.warn(
+                    f"vi.amortized.train: non-finite loss or parameters at step {bad} (of "
+                    f"{num_steps}); stopped, returning the parameters and losses of the first "
+                    f"{done} steps (the last with a finite loss and update). Hint: lower the "
+                    "step size (optimizer=...), or check x_train and the model for overflow.",
+                    RuntimeWarning, stacklevel=2)
+                break
+            carry = new
             losses.append(chunk_losses)
             bar.update(int(chunk_losses.shape[0]))
             bar.set_postfix(neg_elbo=f"{float(jnp.mean(chunk_losses)):.2f}")
-    return TrainResult(model, carry[0], jnp.concatenate(losses))
+    dtype = jax.tree_util.tree_leaves(carry[0])[0].dtype
+    return TrainResult(model, carry[0],
+                       jnp.concatenate(losses) if losses else jnp.zeros((0,), dtype))
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _check_data(model: VAE, x, name: str) -> None:
@@ -307,6 +335,10 @@ def _check_data(model: VAE, x, name: str) -> None:
         lo, hi = float(jnp.min(x)), float(jnp.max(x))
     except jax.errors.ConcretizationTypeError:
         return
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN fails both comparisons below
+        bad = int(jnp.sum(~jnp.isfinite(x)))
+        raise ValueError(f"{name}: {bad} NaN/inf entries out of {x.size} (shape {shape}); "
+                         "drop or impute them first.")
     if lo < 0 or hi > 1:
         raise ValueError(
             f"{name}: values must lie in [0, 1] (Bernoulli likelihood); got min {lo}, "

@@ -1804,6 +1804,7 @@ def _message(status, step, bad_step, cap, kept_finite=True):
 # q's marginal sd in an unconstrained coordinate above this is taken for a scale running away
 # along a direction where log p̃ is flat (an improper target), not for a posterior's spread.
 RUNAWAY_SD = 1e6
+_RUNAWAY_DRAWS = 512
 
 
 def _runaway_message(posterior, target, problems=None):
@@ -1815,8 +1816,14 @@ def _runaway_message(posterior, target, problems=None):
     ``problems``: for ``fit_many``, the indices of the problems to look at."""
     try:
         sd = np.sqrt(np.asarray(posterior.variance))
-    except (NotImplementedError, AttributeError):  # flows: no closed-form variance
-        return ""
+    except (NotImplementedError, AttributeError):
+        # Flows: no closed-form variance, so the draws' (a fixed key: a diagnostic, the same
+        # on every call); the message was missing for them (found in review).
+        # (numpyro's Normal.sample broadcasts by rank promotion, which a caller may forbid.)
+        with np.errstate(invalid="ignore", over="ignore"), jax.numpy_rank_promotion("allow"):
+            draws = np.asarray(posterior.sample(jax.random.key(0), (_RUNAWAY_DRAWS,)),
+                               np.float64)
+            sd = np.std(draws, axis=0)
     if problems is None:
         runaway, where = np.flatnonzero(~(sd <= RUNAWAY_SD)), ""
     else:
@@ -2040,6 +2047,9 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
         family, objective, num_samples, optimizer, num_steps, tol, progress, stopping, max_steps
     )
     num_elbo_samples = _check_common(target, key, tol, num_elbo_samples)
+    note = getattr(family, "dimension_note", lambda dim: None)(target.dim)
+    if note:
+        warnings.warn(note, RuntimeWarning, stacklevel=stacklevel)
     cfg = _scale_defaults(cfg, target.dim, optimizer, num_samples)
     cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
