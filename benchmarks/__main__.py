@@ -22,7 +22,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="default: small sizes, under 5 minutes on 2 CPU cores")
+                      help="default: small sizes, 6-9 minutes on 2 CPU cores")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="bigger sizes, longer runs, larger BlackJAX grid, B up to 10^4")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny",

@@ -1,4 +1,4 @@
-"""Sizes and settings per mode: ``tiny`` (smoke test), ``quick`` (default, about 6 min on 2 cores),
+"""Sizes and settings per mode: ``tiny`` (smoke test), ``quick`` (default, 6-9 min on 2 cores),
 ``full`` (the bigger sizes). Everything a case reads is here, and is written into the JSON."""
 
 from __future__ import annotations

@@ -894,6 +894,13 @@ def test_fit_many_polishes_the_problems_short_in_their_means():
         assert gap < 1e-4 and abs(res.mean_gap.mean[i]) < 1e-4, (i, gap, res.mean_gap)
     assert np.all(res.stationarity < fit_module.STATIONARITY_LIMIT)
     assert res.elbo.mean.shape == (2,) and np.all(np.isfinite(res.elbo.mean))
+    # precondition=None: never, as in fit (it polished, found in review); a warning says so.
+    with pytest.warns(RuntimeWarning, match=r"problems \[0\] converged short.*mean_gap"):
+        plain = vi.fit_many(lambda Xi, yi: vi.Target.from_log_density(log_density, 200,
+                                                                      data=(Xi, yi)),
+                            jnp.asarray(X), jnp.asarray(y), family="meanfield",
+                            key=jax.random.key(0), progress=False, precondition=None)
+    assert plain.mean_gap.mean[0] > fit_module.MEAN_GAP_LIMIT and "Newton" not in plain.message
 
 
 def _years_regressions(raw):
@@ -913,7 +920,8 @@ def _years_target(Xi, yi):
 def test_fit_many_refits_the_problems_short_of_their_optimum():
     X, y = _years_regressions([True, False, True])
     kw = dict(family="fullrank", key=jax.random.key(0), progress=False)
-    with pytest.warns(RuntimeWarning, match="precondition='auto', refits them"):
+    with pytest.warns(RuntimeWarning,
+                      match="precondition='auto', polishes their means or refits"):
         plain = vi.fit_many(_years_target, X, y, precondition=None, **kw)
     short = plain.stationarity > fit_module.STATIONARITY_LIMIT
     assert short.tolist() == [True, False, True], plain.stationarity

@@ -1907,6 +1907,8 @@ def fit(
         ``num_steps`` steps with a constant step size.
       progress: show a tqdm bar with the ELBO, updated between compiled chunks.
       init_params: start from these parameters instead of ``family.init``.
+      max_steps: the step cap with ``tol`` set and ``num_steps=None`` (default 20,000); pass
+        ``num_steps`` or ``max_steps``, not both.
       stopping: a ``vi.StoppingRule`` (window, patience, factor, max_decays, z).
       num_elbo_samples: draws for the final ELBO estimate; ``0`` skips it (``elbo`` is then
         ``None``). It is compiled only when read either way; ``0`` saves lowering it.
@@ -1930,7 +1932,8 @@ def fit(
         no check, hence no refit.
 
     Returns:
-      ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message).
+      ``FitResult`` (posterior, params, losses, elbo, num_steps, converged, status, message,
+      the checks stationarity, mean_gap and spread_gap, family, target).
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi
     >>> target = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), 3)
@@ -2101,10 +2104,10 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
     return res
 
 
-_HINT_FIT = ("Try precondition='laplace' (the default, precondition='auto', refits so where "
-             "it can)")
+_HINT_FIT = ("Try precondition='laplace' (the default, precondition='auto', polishes the mean "
+             "or refits so where it can)")
 _HINT_OTHER = "Try more steps (max_steps, stopping) or another family"
-_HINT_MANY = "fit_many's default, precondition='auto', refits them"
+_HINT_MANY = "fit_many's default, precondition='auto', polishes their means or refits them"
 
 
 _RIDGE = ("as on a ridge Adam's steps cannot follow (a badly scaled or strongly correlated "
@@ -2477,8 +2480,8 @@ def _whitened_many(family, key, targets, lap, init_params, options, quiet):
     else:
         init_params = lp.start_params(start, key, lap.precision, lo)
     res = _fit_many(lp.whitened_target, (targets, mode, lo), family=start, key=key,
-                    init_params=init_params, precondition=None, quiet=quiet, hint=_HINT_OTHER,
-                    **options)
+                    init_params=init_params, precondition="polish", quiet=quiet,
+                    hint=_HINT_OTHER, **options)
     params = jax.vmap(functools.partial(lp.to_z, start))(res.params, mode, lo)
     parts = _executable(_compiled_final(family), ("final", family), params,
                         effort=_compile.ONCE).result()(params)
@@ -2529,15 +2532,17 @@ def fit_many(
     ``batched_args``. Each problem stops on its own convergence (a per-problem done mask); the
     progress bar follows the batch as a whole. Options are as in ``vi.fit``, but for
     ``init_params``: the family's parameters of every problem, each leaf leading with ``B``
-    (e.g. the ``params`` of an earlier ``fit_many``, to go on from there), and flows, which
-    ``fit_many`` does not fit (an error says so).
+    (e.g. the ``params`` of an earlier ``fit_many``, to go on from there), flows, which
+    ``fit_many`` does not fit (an error says so), and ``precondition``, which takes no
+    ``vi.Laplace``.
 
     ``precondition``, per problem as in ``vi.fit``: ``"auto"`` (default) polishes the mean of
     a problem that converged short in its mean alone, and refits the problems still short of
     their family's optimum in coordinates whitened by their own Laplace approximations (all of
     them in one more compiled call), keeping a problem's refit where it converged and its ELBO
     is not lower (by 3 standard errors); ``"laplace"`` fits every problem that way from the
-    start (an error names the problems without a proper mode); ``None``: the polish only.
+    start (an error names the problems without a proper mode); ``None`` or ``False``: neither
+    polish nor refit (a warning names the problems left short).
 
     Returns:
       ``FitResult`` whose posterior has batch shape ``(B,)``; ``params`` leaves lead with ``B``;
@@ -2573,7 +2578,9 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
               objective, tol, progress, init_params, max_steps, stopping, num_elbo_samples,
               precondition, quiet, hint=None):
     """``fit_many``; ``quiet``: no warning (its message still says everything); ``hint``: what
-    the message suggests for problems left short of their optimum."""
+    the message suggests for problems left short of their optimum. ``precondition`` may also be
+    ``"polish"`` (internal: the refits of ``_whitened_many``, whose means are polished as
+    ``fit``'s refits are, but never refitted again)."""
     if hint is None:
         hint = _HINT_MANY if precondition is None else _HINT_OTHER
     options = dict(num_steps=num_steps, optimizer=optimizer, num_samples=num_samples,
@@ -2681,9 +2688,11 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
                     "density for overflow")
     estimate, parts, stationarity, mean_gap, spread_gap = _finish(final, k_final, params,
                                                                   targets)
-    if mean_gap is not None:
+    if mean_gap is not None and precondition is not None:
         # As in fit: a converged problem short in its mean alone (its stationarity check
         # passed) is polished by Newton steps on its mean (_polish); others are refitted below.
+        # Not with precondition=None, which means "never", as in fit (it polished, found in
+        # review).
         flagged = ((status == CONVERGED) & _gap_flags(mean_gap)
                    & (stationarity <= STATIONARITY_LIMIT) & ~_spread_flags(spread_gap))
         if flagged.any():

@@ -289,6 +289,7 @@ def elbo(key, family, params, target, num_samples=1000, *, batch_size=256):
       family: a ``vi.Family`` (or name); params: its parameters (no batch dims: vmap for many).
       target: a ``vi.Target`` of dimension ``dim``.
       num_samples: number of draws.
+      batch_size: draws evaluated at once (a ``lax.map`` over batches of them).
 
     Returns:
       ``Estimate(mean, stderr)``, both scalars (``stderr`` NaN for one draw).
