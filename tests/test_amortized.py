@@ -129,3 +129,10 @@ def test_elbo_and_iwae_check_their_sample_counts():
             am.elbo(model, params, jax.random.key(1), x, num_samples=bad)
         with pytest.raises(ValueError, match=r"iwae_bound\(chunk_size=\.\.\.\)"):
             am.iwae_bound(model, params, jax.random.key(1), x, num_samples=10, chunk_size=bad)
+
+
+def test_train_refuses_a_model_with_other_sizes():
+    x = (np.random.default_rng(0).random((32, 6)) < 0.3).astype(np.float32)
+    with pytest.raises(ValueError, match="pass model= or latent_dim=/hidden=, not both"):
+        am.train(jax.random.key(0), x, model=am.VAE(6, 3, (8,)), latent_dim=2 + 1,
+                 num_steps=2, batch_size=8, progress=False)

@@ -938,6 +938,12 @@ def test_streaming_surprise_errors():
     for bad in (0.0, float("nan"), -1.0):
         with pytest.raises(ValueError, match="obs_scale must be positive and finite"):
             streaming_surprise(dist.Normal(0.0, 1.0), jnp.zeros(3), obs_scale=bad)
+    # Ignored silently before (found in review): only a Normal likelihood has a noise scale.
+    with pytest.raises(ValueError, match="a Beta prior's likelihood has none"):
+        streaming_surprise(dist.Beta(1.0, 1.0), jnp.zeros(3), obs_scale=2.0)
+    # surprise names its own arguments, not kl_divergence's p and q.
+    with pytest.raises(TypeError, match="surprise: `prior` must be a numpyro Distribution"):
+        vi.surprise(jnp.array([0.5, 0.5]), dist.Beta(1.0, 1.0))
 
 
 def test_poisson_pair_gradient_is_finite_at_rate_zero():

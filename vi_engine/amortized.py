@@ -258,6 +258,12 @@ def train(key: jax.Array, x_train, *, model: VAE | None = None, latent_dim: int 
         x_train = x_train.astype(jnp.result_type(float))
     if model is None:
         model = VAE(data_dim, latent_dim, hidden)
+    elif latent_dim != 2 or hidden != (128, 128):
+        # They were silently ignored (found in review): the model carries its own.
+        raise ValueError(
+            f"train: pass model= or latent_dim=/hidden=, not both (model={model!r} has "
+            f"latent_dim={model.latent_dim}, hidden={model.hidden}; got latent_dim={latent_dim!r}, "
+            f"hidden={hidden!r})")
     _check_data(model, x_train, "x_train")
     if not (is_int(batch_size) and 1 <= batch_size <= n):
         raise ValueError(f"train(batch_size=...): got {batch_size!r}; expected an integer in "

@@ -245,6 +245,12 @@ def surprise(prior, posterior, *args, base=None, **kwargs):
                 "surprise: extra arguments apply only to probability arrays, not to distributions "
                 "(only `base=` is accepted)."
             )
+        for arg, d in (("prior", prior), ("posterior", posterior)):
+            if not isinstance(d, Distribution):  # named as the caller named it, not as p or q
+                raise TypeError(
+                    f"surprise: `{arg}` must be a numpyro Distribution when the other argument "
+                    f"is one, got {type(d).__name__}. Pass two distributions or two arrays."
+                )
         return kl_divergence(posterior, prior, base=base)
     from vi_engine import measures
 
@@ -963,6 +969,13 @@ def streaming_surprise(prior, observations, *, obs_scale=None, base=None,
         obs_batch = obs.shape[1:]
     if isinstance(prior, Normal) and obs_scale is None:
         raise ValueError("streaming_surprise: a Normal prior needs the known `obs_scale=` σ.")
+    if not isinstance(prior, Normal) and obs_scale is not None:
+        # It was silently ignored (found in review): Bernoulli, Poisson and Categorical
+        # likelihoods have no noise scale.
+        raise ValueError(
+            f"streaming_surprise: obs_scale= is the known noise of a Normal likelihood; a "
+            f"{type(prior).__name__} prior's likelihood has none (got obs_scale={obs_scale!r})."
+        )
     if obs_scale is not None and not isinstance(obs_scale, jax.core.Tracer):
         try:  # bfloat16 has NumPy kind "V": compare as float64
             scale = np.asarray(obs_scale).astype(np.float64)
