@@ -533,6 +533,18 @@ def test_invalid_entries_are_nan_not_dropped(jit):
     assert float(wrap(jax.grad(m.conditional_entropy))(joint0)[0, 1]) == 0.0
 
 
+def test_complex_tables_and_non_integer_axes_are_named():
+    # A complex table was cast to its real part; a tuple or float axis raised a bare
+    # TypeError (found in review).
+    with pytest.raises(TypeError, match="p: expected real probabilities, got dtype complex"):
+        m.entropy(jnp.array([0.5 + 1j, 0.5]))
+    for axis in ((0, 1), 1.0):
+        with pytest.raises(TypeError, match="axis: expected an integer"):
+            m.entropy(jnp.full((2, 2), 0.5), axis=axis)
+        with pytest.raises(TypeError, match="axis: expected an integer"):
+            m.kl_divergence(jnp.full((2, 2), 0.5), jnp.full((2, 2), 0.5), axis=axis)
+
+
 def test_validate_tolerance_does_not_grow_with_the_table_length():
     # A float32 row of K = 50,000 summing to 1.07 passed a √K-scaled tolerance, and its
     # entropy exceeded log K (found in review); a float32 softmax row of that length is within

@@ -80,7 +80,21 @@ def _as_float(*xs):
     return [a.astype(dtype) for a in arrays]
 
 
+def _check_axis_type(axis):
+    """One event axis, an integer: a tuple or a float raised a bare TypeError (found in
+    review)."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis: expected an integer (the event axis), got {axis!r}")
+
+
+def _check_real(name, x):
+    """Probabilities (or logits) are real: a complex table was cast to its real part."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{name}: expected real probabilities, got dtype {x.dtype}")
+
+
 def _check_axis(name, shape, axis):
+    _check_axis_type(axis)
     nd = len(shape)
     if nd == 0:
         raise ValueError(
@@ -184,6 +198,7 @@ def _host(x, axis):
 
 
 def _prepare_one(name, x, axis, log_input, validate):
+    _check_real(name, x)
     ax = _check_axis(name, _shape(x), axis)
     if validate and (h := _host(x, ax)) is not None:
         _validate(name, h, log_input)
@@ -192,6 +207,9 @@ def _prepare_one(name, x, axis, log_input, validate):
 
 def _prepare_pair(names, p, q, axis, log_input, validate):
     """Check event sizes and batch broadcasting; return static axes and the output shape."""
+    _check_axis_type(axis)
+    for name, x in zip(names, (p, q), strict=True):
+        _check_real(name, x)
     (n_p, n_q), sp, sq = names, _shape(p), _shape(q)
     for name, s in zip(names, (sp, sq), strict=True):
         if len(s) == 0:
