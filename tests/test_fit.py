@@ -532,6 +532,14 @@ def test_a_converged_fit_reports_its_mean_gap(gauss3):
     assert many.mean_gap.mean.shape == (3,) and np.all(np.abs(many.mean_gap.mean) < 0.05)
 
 
+def _regression_posterior(n, d):
+    """A linear regression's exact problem and its posterior's mean, covariance and precision
+    (NumPy; float64 under x64)."""
+    prob = exact.make_linear_regression(jax.random.key(0), n=n, d=d)
+    cov = np.asarray(prob.posterior.covariance_matrix)
+    return prob, np.asarray(prob.posterior.loc), cov, np.linalg.inv(cov)
+
+
 def test_spread_gap_is_the_exact_spread_kl_on_a_gaussian_target():
     # q at the posterior's mean with its scale off by a factor c: for a Gaussian target the
     # gain of moving the spread to its optimum is ½ Σ (λ − 1 − log λ) over the eigenvalues of
@@ -539,10 +547,7 @@ def test_spread_gap_is_the_exact_spread_kl_on_a_gaussian_target():
     from vi_engine.families.gaussian import FullRankParams, MeanFieldParams
 
     with jax.enable_x64(True):
-        prob = exact.make_linear_regression(jax.random.key(0), n=200, d=6)
-        m = np.asarray(prob.posterior.loc)
-        cov = np.asarray(prob.posterior.covariance_matrix)
-        prec = np.linalg.inv(cov)
+        prob, m, cov, prec = _regression_posterior(n=200, d=6)
         lo = np.linalg.cholesky(cov)
         for c in (1.0, 1.3, 0.6):
             lq = c * lo
@@ -593,10 +598,7 @@ def test_lowrank_spread_gap_is_the_spread_kl_above_the_family_optimum():
     from vi_engine.families.gaussian import LowRankParams
 
     with jax.enable_x64(True):
-        prob = exact.make_linear_regression(jax.random.key(0), n=60, d=6)
-        m = np.asarray(prob.posterior.loc)
-        cov_p = np.asarray(prob.posterior.covariance_matrix)
-        prec = np.linalg.inv(cov_p)
+        prob, m, cov_p, prec = _regression_posterior(n=60, d=6)
         rank = 2
         best = _lowrank_optimum_kl(prec, rank)
         lam, vecs = np.linalg.eigh(cov_p)
