@@ -50,7 +50,7 @@ import numpy as np
 import numpyro.distributions.kl as _nkl
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jax.scipy.special import gammaln, xlogy
+from jax.scipy.special import digamma, gammaln, polygamma, xlogy
 from numpyro.distributions import (
     BernoulliLogits,
     BernoulliProbs,
@@ -625,8 +625,6 @@ def _kl_bregman(quad, change, direct, dtype):
 
 def _kl_concentrations(cp, cq):
     """KL(Dir(cp)‖Dir(cq)), concentrations ``(..., K)``: A = Σ log Γ(α_k) − log Γ(α₀)."""
-    from jax.scipy.special import digamma, polygamma
-
     cp, cq = jnp.broadcast_arrays(cp, cq)
     p0, q0 = jnp.sum(cp, -1), jnp.sum(cq, -1)
     direct = (gammaln(p0) - gammaln(q0) - jnp.sum(gammaln(cp) - gammaln(cq), -1)
@@ -655,8 +653,6 @@ def _kl_beta(p, q):
 
 @register_kl(Gamma, Gamma)
 def _kl_gamma(p, q):
-    from jax.scipy.special import digamma, polygamma
-
     ap, bp, aq, bq = jnp.broadcast_arrays(p.concentration, p.rate, q.concentration, q.rate)
     direct = ((ap - aq) * digamma(ap) - gammaln(ap) + gammaln(aq)
               + aq * (jnp.log(bp) - jnp.log(bq)) + ap * (bq - bp) / bp)
