@@ -315,6 +315,11 @@ def test_bad_hyperparameters_and_counts_are_named():
         (lambda: exact.beta_binomial(jnp.array([1, 2]), jnp.array([3, 3]), a=0.0),
          "beta_binomial: a must be positive"),
         (lambda: exact.gamma_poisson(jnp.array([1.5, 2.0])), "counts must hold counts"),
+        # Checked before the float32 copy, where 2^24 + 1 of 2^24 trials both read 2^24 and
+        # 2^24 + 0.5 reads as a count (found in review).
+        (lambda: exact.beta_binomial(np.array([2**24 + 1]), np.array([2**24])),
+         r"successes\[0\] = 16777217 > trials\[0\] = 16777216"),
+        (lambda: exact.gamma_poisson(np.array([2**24 + 0.5])), "counts must hold counts"),
         (lambda: exact.gamma_poisson(jnp.array([-1, 2])), "counts must hold counts"),
         (lambda: exact.dirichlet_categorical(jnp.array([3.0]), 1.0), "K >= 2 categories"),
         (lambda: exact.dirichlet_categorical(jnp.array([3.0, 1.0]), 0.0),

@@ -448,11 +448,16 @@ def beta_binomial(successes, trials, a=1.0, b=1.0) -> ExactProblem:
     if k.shape != n.shape:
         raise ValueError(f"beta_binomial: successes {k.shape} and trials {n.shape} differ.")
     _positive("beta_binomial", a=a, b=b)
-    _counts("beta_binomial", successes=k, trials=n)
-    if not _any_tracer((k, n)) and bool(jnp.any(k > n)):
-        i = int(jnp.argmax(k > n))
-        raise ValueError(f"beta_binomial: successes must not exceed trials; got successes[{i}] "
-                         f"= {float(k[i]):g} > trials[{i}] = {float(n[i]):g}.")
+    # Checked on the caller's values, not on their float32 copies: there 2^24 + 1 successes
+    # of 2^24 trials both read 2^24 (and 2^24 + 0.5 reads as a count), while the evidence is
+    # computed in float64 from the caller's values (``_in_float64``).
+    _counts("beta_binomial", successes=successes, trials=trials)
+    if not _any_tracer((successes, trials)):
+        k64, n64 = np.asarray(successes, np.float64), np.asarray(trials, np.float64)
+        if np.any(k64 > n64):
+            i = int(np.argmax(k64 > n64))
+            raise ValueError(f"beta_binomial: successes must not exceed trials; got "
+                             f"successes[{i}] = {k64[i]:.17g} > trials[{i}] = {n64[i]:.17g}.")
     a_post, b_post, log_ev = _in_float64(_beta_binomial_solve, dtype, successes, trials, a, b)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     post = _unconstrained_posterior(dist.Beta(a_post, b_post), constraints.unit_interval)
@@ -515,7 +520,7 @@ def gamma_poisson(counts, a=1.0, b=1.0) -> ExactProblem:
     dtype = _dtype(a, b)
     c = _as(counts, dtype, "counts", ndim=1)
     _positive("gamma_poisson", a=a, b=b)
-    _counts("gamma_poisson", counts=c)
+    _counts("gamma_poisson", counts=counts)  # the caller's values (see beta_binomial)
     a_post, b_post, log_ev = _in_float64(_gamma_poisson_solve, dtype, counts, a, b)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     post = _unconstrained_posterior(dist.Gamma(a_post, b_post), constraints.positive)
