@@ -672,6 +672,44 @@ def test_a_non_finite_gradient_gives_the_spread_gap_no_verdict():
             assert np.isnan(one.mean) and np.isnan(one.stderr)
 
 
+def test_a_lowrank_covariance_singular_in_float64_gives_the_spread_gap_no_verdict():
+    # Found in review: a diagonal 1e-18 of its largest (from init_params) made LAPACK raise
+    # in the host-side search, and the fit with it. Per problem: a fit_many neighbour keeps
+    # its verdict (a standard normal target and q = N(0, I + WWᵀ): its gap is positive).
+    from vi_engine.families.gaussian import LowRankParams
+
+    rng = np.random.default_rng(0)
+    d, n = 6, 256
+    w = rng.standard_normal((2, d, 2))
+    log_diag = np.zeros((2, d))
+    log_diag[1, 1:] = -20.0
+    cov = w[0] @ w[0].T + np.eye(d)
+    dz = np.zeros((2, n, d))
+    dz[0] = rng.standard_normal((n, d)) @ np.linalg.cholesky(cov).T
+    params = LowRankParams(np.zeros((2, d)), w, log_diag)
+    est = fit_module._lowrank_spread_gap(-dz, dz, params)
+    assert est.mean[0] > 0.1 and np.isfinite(est.stderr[0])
+    assert np.isnan(est.mean[1]) and np.isnan(est.stderr[1])
+    one = fit_module._lowrank_spread_gap(-dz[1], dz[1], jax.tree_util.tree_map(
+        lambda x: x[1], params))
+    assert np.isnan(one.mean) and np.isnan(one.stderr)
+    # Through vi.fit, from such starts (float32-rounded, so LAPACK may or may not factor
+    # them): a result, not LinAlgError, with no verdict or one that flags q's variances of
+    # 4e-18 against the target's 1.
+    target = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), d)
+    for seed in range(3):
+        w1 = np.random.default_rng(seed).standard_normal((d, 2))
+        init = LowRankParams(jnp.zeros(d), jnp.asarray(w1, jnp.float32),
+                             jnp.asarray(log_diag[1], jnp.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the hints about that start
+            res = vi.fit(target, vi.LowRank(rank=2), key=jax.random.key(0), num_steps=2,
+                         tol=None, init_params=init, optimizer=optax.sgd(1e-12),
+                         progress=False)
+        gap = res.spread_gap.mean
+        assert np.isnan(gap) or gap > 10 * fit_module.SPREAD_GAP_LIMIT, res.spread_gap
+
+
 def test_an_open_spread_verdict_is_settled_on_pooled_draws():
     # _finish with a stand-in check whose spread draws are noisy. Problem 0: q's
     # scale-whitened expected Hessian is 1.35 I in d = 32 (a gap of 0.80 nats); one run's

@@ -843,7 +843,31 @@ def _lowrank_spread_gap(g, dz, params):
     The gap is a lower bound of the spread's shortfall under the quadratic model of the target
     that ``E_q[H]`` gives (the candidate is the best found, not provably the best); at the
     family's optimum ``E_q[H]`` meets the same stationarity conditions (``HW = C⁻¹W``,
-    ``diag H = diag C⁻¹``) as that model's optimum, so the gap is zero there."""
+    ``diag H = diag C⁻¹``) as that model's optimum, so the gap is zero there.
+
+    NaN (no verdict) for a problem whose covariance is singular to float64 (LAPACK's
+    LinAlgError: a diagonal 1e-18 of its largest, from ``init_params``, found in review)."""
+    try:
+        return _lowrank_spread_gap_batch(g, dz, params)
+    except np.linalg.LinAlgError:
+        batch = np.shape(params.log_diag)[:-1]
+        if not batch:
+            return Estimate(np.float64(np.nan), np.float64(np.nan))
+    # One problem of a fit_many batch failed: the others keep their verdicts.
+    g, dz = np.asarray(g), np.asarray(dz)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    gaps, errs = np.full(batch, np.nan), np.full(batch, np.nan)
+    for i in np.ndindex(*batch):
+        try:
+            one = _lowrank_spread_gap_batch(
+                g[i], dz[i], jax.tree_util.tree_map(lambda x, i=i: x[i], params))
+        except np.linalg.LinAlgError:
+            continue
+        gaps[i], errs[i] = one.mean, one.stderr
+    return Estimate(gaps, errs)
+
+
+def _lowrank_spread_gap_batch(g, dz, params):
     w = np.asarray(params.cov_factor, np.float64)
     d = np.exp(2.0 * np.asarray(params.log_diag, np.float64))
     cov = w @ np.swapaxes(w, -1, -2) + d[..., :, None] * np.eye(d.shape[-1])
