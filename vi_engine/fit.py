@@ -750,7 +750,7 @@ def _spread_runs(dim):
     return -(-_SPREAD_DRAWS_PER_DIM * dim // _CHECK_DRAWS)
 
 
-def _spread_gap(gw, eps, full, candidate=None):
+def _spread_gap(gw, eps, full, candidate=None, tangent=None):
     """``Estimate`` (nats) of the ELBO that moving q's spread to its optimum would gain, q's
     mean held, from the stationarity check's draws ``eps`` ``(..., n, dim)`` and the target's
     gradients there whitened by q's scale ``L``, ``gw = Lᵀ∇log p̃(μ + Lε)``
@@ -771,7 +771,11 @@ def _spread_gap(gw, eps, full, candidate=None):
     ``candidate`` (with ``full``): a function of ``M`` ``(..., dim, dim)`` giving the spread
     to move to, ``B`` (q's covariance whitened by ``L``), where the family's optimum is not
     ``M⁻¹`` (``_lowrank_spread_gap``); the gap is then ``½ (tr(M (I − B)) + log|B|)``, zero
-    for ``B = I``.
+    for ``B = I``. ``tangent`` (with it): ``(..., k, dim, dim)`` symmetric matrices spanning
+    the directions the family can move ``B`` in; the noise debiased is then only its part
+    along them, ``¼ E‖P_T(M̂ − M)‖²`` (the plug-in gap's bias to second order: a family
+    cannot fit the noise off its own directions). Debiasing all ``dim²`` directions read
+    −0.97 ± 0.44 for a rank-2 logistic fit (d = 32) 0.30 nats short (found in review).
 
     Computed on the host, in float64 NumPy, from the check's draws and gradients (a few d × d
     products and factorizations): in the compiled check they added 0.08 s to its compilation
@@ -825,13 +829,59 @@ def _spread_gap(gw, eps, full, candidate=None):
             d = np.where(ok[..., None], d, 1.0)
             gap = 0.5 * np.sum(d - 1 - np.log(d), -1)
             b = np.einsum("...i,ij->...ij", 0.5 * (1 - 1 / d), np.eye(dim))
-        noise = 0.25 * np.sum(v, (-2, -1) if full else -1)
+        if tangent is None:
+            noise = 0.25 * np.sum(v, (-2, -1) if full else -1)
+        else:
+            noise = 0.25 * _projected_noise(*tangent(np.where(ok[..., None, None], m, eye)), v)
         # First order: M̂ − M = −sym(Ecᵀ R)/n; its contraction with b is −Σ_k r_kᵀ b ε_k / n.
         t = np.sum((resid @ b) * ec, -1)
         var = (np.var(t, -1, ddof=1) / n
                + 0.125 * np.sum(np.square(v), (-2, -1) if full else -1))
     ok = ok & finite
     return Estimate(np.where(ok, gap - noise, np.nan), np.where(ok, np.sqrt(var), np.nan))
+
+
+def _projected_noise(tangent, curvature, v):
+    """The plug-in gap's bias to second order, ``4×``: ``tr((G − K)⁺ Aᵀ diag(v) A)`` for noise
+    ``ξ`` with independent entries of variances ``v`` ``(..., dim, dim)``, ``A`` the flattened
+    directions ``tangent`` ``(..., k, dim, dim)`` the family moves ``B`` in at ``B = I``
+    (``∂B/∂θ``), ``G = AᵀA`` and ``K`` (``curvature``, ``(..., k, k)``) the second-order
+    term ``tr((I − M) ∂²B/∂θ²)`` of a curved family. From ``f(M) = max_θ φ(M, θ)``: the gain
+    the search makes of ``ξ`` is ``½ gᵀ(−∂²φ)⁻¹g``, ``g = −½ Aᵀξ``, ``−∂²φ = ½ (G − K)``.
+    Directions where ``G − K`` is not positive (a factor's rotations, which repeat; or a
+    noisy ``M`` not at the family's optimum) are left out."""
+    dim = v.shape[-1]
+    a = np.swapaxes(tangent.reshape(*tangent.shape[:-2], dim * dim), -1, -2)  # (..., d², k)
+    hess = np.swapaxes(a, -1, -2) @ a - curvature
+    hess = 0.5 * (hess + np.swapaxes(hess, -1, -2))
+    weighted = np.swapaxes(a * v.reshape(*v.shape[:-2], dim * dim, 1), -1, -2) @ a
+    lam, vecs = np.linalg.eigh(hess)
+    keep = lam > 1e-10 * np.max(np.abs(lam), -1, keepdims=True)
+    inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
+    proj = np.swapaxes(vecs, -1, -2) @ weighted @ vecs
+    return np.sum(inv * np.diagonal(proj, axis1=-2, axis2=-1), -1)
+
+
+def _lowrank_tangent(m, lo_inv, w):
+    """For ``C = WWᵀ + diag D`` whitened by ``lo``: the directions ``B`` moves in,
+    ``lo⁻¹ e_i e_iᵀ lo⁻ᵀ`` (each ``D_i``) and ``lo⁻¹ (w_j e_aᵀ + e_a w_jᵀ) lo⁻ᵀ`` (each
+    ``W_aj``), ``(..., dim + dim·rank, dim, dim)``, and ``K`` of ``_projected_noise``: the
+    only second derivatives are ``∂²C/∂W_aj∂W_bj = e_a e_bᵀ + e_b e_aᵀ``, so
+    ``K = I_rank ⊗ 2 (C⁻¹ − H)`` on the factor's block, ``H = lo⁻ᵀ M lo⁻¹`` (``m``: ``M``)."""
+    u = np.swapaxes(lo_inv, -1, -2)  # row i: lo⁻¹ e_i
+    x = np.swapaxes(lo_inv @ w, -1, -2)  # row j: lo⁻¹ w_j
+    diag = u[..., :, :, None] * u[..., :, None, :]
+    cross = x[..., :, None, :, None] * u[..., None, :, None, :]  # (..., r, d, d, d)
+    cross = cross + np.swapaxes(cross, -1, -2)
+    dim, rank = lo_inv.shape[-1], w.shape[-1]
+    tangent = np.concatenate([diag, cross.reshape(*cross.shape[:-4], -1, dim, dim)], -3)
+    lo_inv_t = np.swapaxes(lo_inv, -1, -2)
+    bend = 2.0 * (lo_inv_t @ (np.eye(dim) - m) @ lo_inv)
+    curvature = np.zeros((*bend.shape[:-2], dim * (1 + rank), dim * (1 + rank)))
+    for j in range(rank):
+        s = slice(dim * (1 + j), dim * (2 + j))
+        curvature[..., s, s] = bend
+    return tangent, curvature
 
 
 def _lowrank_spread_gap(g, dz, params):
@@ -878,7 +928,8 @@ def _lowrank_spread_gap_batch(g, dz, params):
         gw = np.asarray(g, np.float64) @ lo
     return _spread_gap(gw, eps, True,
                        functools.partial(_lowrank_best, lo=lo, lo_inv=lo_inv, rank=w.shape[-1],
-                                         diag0=d))
+                                         diag0=d),
+                       tangent=functools.partial(_lowrank_tangent, lo_inv=lo_inv, w=w))
 
 
 # Its search: alternating exact minimizations, W given D (eigenvectors, closed form) and D given
