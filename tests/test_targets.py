@@ -350,6 +350,7 @@ def test_a_model_needing_concrete_data_gets_a_clear_error():
         with pytest.raises(ValueError, match="pass them as Python ints"):
             Target.from_numpyro(model, g, y)
     assert Target.from_numpyro(given, g, y, np.int64(3)).dim == 4
+    assert Target.from_numpyro(given, g, y, np.array(3)).dim == 4  # a 0-d array: static too
 
 
 def test_a_log_density_that_is_not_a_real_float_is_refused():
