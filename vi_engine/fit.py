@@ -842,8 +842,9 @@ def _spread_gap(gw, eps, full, candidate=None, tangent=None):
 
 
 def _projected_noise(tangent, curvature, v):
-    """The plug-in gap's bias to second order, ``4×``: ``tr((G − K)⁺ Aᵀ diag(v) A)`` for noise
-    ``ξ`` with independent entries of variances ``v`` ``(..., dim, dim)``, ``A`` the flattened
+    """The plug-in gap's bias to second order, ``4×``: ``tr((G − K)⁺ Aᵀ diag(w) A)`` for
+    symmetric noise ``ξ`` whose entries ``i <= j`` are independent with variances ``v``
+    ``(..., dim, dim)`` (``w = 2v`` off the diagonal, ``v`` on it), ``A`` the flattened
     directions ``tangent`` ``(..., k, dim, dim)`` the family moves ``B`` in at ``B = I``
     (``∂B/∂θ``), ``G = AᵀA`` and ``K`` (``curvature``, ``(..., k, k)``) the second-order
     term ``tr((I − M) ∂²B/∂θ²)`` of a curved family. From ``f(M) = max_θ φ(M, θ)``: the gain
@@ -854,7 +855,10 @@ def _projected_noise(tangent, curvature, v):
     a = np.swapaxes(tangent.reshape(*tangent.shape[:-2], dim * dim), -1, -2)  # (..., d², k)
     hess = np.swapaxes(a, -1, -2) @ a - curvature
     hess = 0.5 * (hess + np.swapaxes(hess, -1, -2))
-    weighted = np.swapaxes(a * v.reshape(*v.shape[:-2], dim * dim, 1), -1, -2) @ a
+    # ξ is symmetric: ⟨A_s, ξ⟩ counts each off-diagonal pair twice, so its entries weigh
+    # 2 v_ij (v_ii on the diagonal); with a basis of all symmetric matrices this is Σ v.
+    w = 2.0 * v - v * np.eye(dim)
+    weighted = np.swapaxes(a * w.reshape(*w.shape[:-2], dim * dim, 1), -1, -2) @ a
     lam, vecs = np.linalg.eigh(hess)
     keep = lam > 1e-10 * np.max(np.abs(lam), -1, keepdims=True)
     inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
