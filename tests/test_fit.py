@@ -627,6 +627,15 @@ def test_lowrank_spread_gap_debiases_only_the_family_s_own_directions():
     # polish from the fit gains 0.10-0.13 ± 0.03 nats; debiasing only along the family's
     # directions (with its curvature: ``_projected_noise``) reads 0.029 and 0.056 ± 0.015,
     # still below that gain (the estimate is a lower bound: see ``_lowrank_spread_gap``).
+    # The noise term: with a basis of all symmetric matrices (no curvature) it is the full
+    # debias, Σ var(M̂_ij) (each off-diagonal pair of the symmetric M̂ counted twice).
+    k = 5
+    basis = np.array([np.eye(k)[[i]].T @ np.eye(k)[[j]] + (i != j) * np.eye(k)[[j]].T
+                      @ np.eye(k)[[i]] for i in range(k) for j in range(i, k)])
+    v = np.random.default_rng(1).uniform(0.1, 1.0, (k, k))
+    v = v + v.T
+    np.testing.assert_allclose(
+        fit_module._projected_noise(basis, np.zeros((len(basis),) * 2), v), v.sum(), rtol=1e-12)
     d, n = 32, 25
     rng = np.random.default_rng(0)  # benchmarks.problems.logistic_data(0, 25, 32)
     x = rng.standard_normal((n, d)).astype(np.float32)
