@@ -352,6 +352,12 @@ def test_a_model_needing_concrete_data_gets_a_clear_error():
     assert Target.from_numpyro(given, g, y, np.int64(3)).dim == 4
     assert Target.from_numpyro(given, g, y, np.array(3)).dim == 4  # a 0-d array: static too
 
+    def as_array(g, y, num_groups):  # and still has an array's methods (review)
+        assert num_groups.shape == ()
+        return given(g, y, num_groups.astype(np.int32))
+
+    assert Target.from_numpyro(as_array, g, y, np.array(3)).dim == 4
+
 
 def test_a_log_density_that_is_not_a_real_float_is_refused():
     # grad needs a real float: complex, int and bool values failed inside the fit (review)

@@ -141,10 +141,11 @@ def _split_args(args, kwargs):
     for i, leaf in enumerate(leaves):
         # A NumPy integer or bool scalar is a size or a flag, as a Python int is: static (a
         # model's plate size from np.int64(4) failed as a traced value, found in review), and
-        # so is a 0-d NumPy array of one (np.array(4), as len-like code returns).
+        # so is a 0-d NumPy array of one (np.array(4), as len-like code returns), kept a NumPy
+        # scalar (hashable, and with .shape, .astype, ... for a model that uses them).
         if (isinstance(leaf, (np.generic, np.ndarray)) and leaf.ndim == 0
                 and leaf.dtype.kind in "biu"):
-            static.append((i, leaf.item()))
+            static.append((i, leaf.dtype.type(leaf.item())))
         elif _is_array(leaf) or _is_tracer(leaf):
             arrays.append(leaf)
         else:
