@@ -29,13 +29,17 @@ Pairs overridden here, and why:
   of size ~α·log α, so close pairs at large concentrations (successive posteriors of a stream)
   lose every digit in float32: Beta(3001, 7000) against Beta(3001, 7001) read −6.2e-4 for
   2.1e-5. Here, where no parameter changes by more than half, the KL is the integral of the
-  Fisher information along the path (``_kl_bregman``), to float32's own accuracy; farther
-  apart, closed forms rearranged so that no log-normalizer of size α log α is subtracted
-  (Bregman divergences of log Γ, or −H(p) − E_p log q where p is the more concentrated),
+  Fisher information along the path (``_kl_bregman``), written so that its terms do not
+  cancel (to ~α ε² relative: float32's accuracy up to α ~ 1e10); farther apart, closed
+  forms rearranged so that the log-normalizers are not subtracted whole (Bregman divergences
+  of log Γ by Stirling's series, or −H(p) − E_p log q where p is the more concentrated),
   whichever sums smaller terms. numpyro's read −71 for KL(Beta(3, 1e8)‖Beta(6, 1e8)) = 1.33.
-  Over 400 float32 pairs with parameters across e^-5..e^18: median relative error 4e-7,
-  worst 9e-4 (huge concentrations changing about twofold, where terms of size α cancel to
-  a KL of size 10³; numpyro's: median 1.4e-4, worst 158).
+  Over 400 float32 pairs with parameters across e^-5..e^18: median relative error 3e-7,
+  worst 7e-4 to 4e-3 by seed (numpyro's: median 1.4e-4, worst 158). Still inaccurate in
+  float32: far pairs whose huge concentrations change by more than half while the mean
+  stays (their terms of size α cancel: Beta(1e6, 1e6)‖Beta(2e6, 2e6) reads 0 for 0.153),
+  and far pairs with a concentration below ~1e-3 (log Γ's rounding: Beta(0.3, 1e-7)‖
+  Beta(0.15, 1e-7) reads 1.3e-6 for 1.7e-7).
 - CategoricalProbs–CategoricalProbs: numpyro's gradient is NaN where ``p`` has a zero
   probability (``0 · log 0`` inside ``where``); here the masked terms are made safe first.
 
@@ -613,13 +617,14 @@ for _tp in _GAUSS:
 _GL_S, _GL_W = (lambda n, w: ((n + 1.0) / 2.0, w / 2.0 * (1.0 - (n + 1.0) / 2.0)))(
     *np.polynomial.legendre.leggauss(8))
 _BREGMAN_MAX_CHANGE = 0.5
-# Farther apart, the closed form is written as a sum of one-dimensional Bregman divergences of
-# log Γ (``_lgamma_bregman``) and of −log (``_log1p_gap``), each never negative and computed
-# without the cancellation of log-normalizers: numpyro's Σ log Γ form read −71 for
+# Farther apart, the closed form is written with one-dimensional Bregman divergences of log Γ
+# (``_lgamma_bregman``) and of −log (``_log1p_gap``), each never negative and computed
+# without subtracting log-normalizers whole: numpyro's Σ log Γ form read −71 for
 # KL(Beta(3, 1e8)‖Beta(6, 1e8)) = 1.326 in float32 (found in review), where 1e8 + 3 is not
-# even a float32. What no closed form can do in float32: terms of size α cancelling to an O(1)
-# KL when huge concentrations change by more than half in a direction that keeps the mean
-# (Gamma(1e8, 1) against Gamma(2e8, 2)); there the error is ~1e-7 α.
+# even a float32. Not solved: terms of size α still cancel to an O(1) KL when huge
+# concentrations change by more than half in a direction that keeps the mean (Gamma(1e8, 1)
+# against Gamma(2e8, 2)); there the error is ~1e-7 α. (Stirling's series gives forms without
+# that cancellation where every parameter is >= 8, prototyped in review, not yet here.)
 # w − log1p(w) = 2 Σ_{n≥2} c_n v^n, v = w/(2 + w), c_n = 1 (n even), (n − 1)/n (n odd): for
 # |w| <= 1/2, |v| <= 1/3, and 40 terms reach float64's rounding.
 _GAP_COEFFS = tuple(2.0 * (1.0 if n % 2 == 0 else (n - 1.0) / n) for n in range(41, 1, -1))
@@ -739,19 +744,25 @@ def _digamma_step(x, d, y, psi_x, psi_y):
     return jnp.where(big, stirling, psi_y - psi_x)
 
 
-def _trigamma_step(x, d, y, tri_x, tri_y):
-    """``ψ'(x) − ψ'(y)``, ``y = x + d``: for ``x, y >= 8`` by the asymptotic series
-    ``ψ'(x) = 1/x + 1/(2x²) + 1/(6x³) − 1/(30x⁵) + 1/(42x⁷) − 1/(30x⁹)``, its leading
-    differences written with ``d`` (``d/(xy)``, ...); below 8, directly."""
-    big, xb, db, yb = _stirling_inputs(x, d, y)
+def _trigamma_points(x):
+    """Where ``_trigamma_excess`` reads ψ': ``x + 1`` below 1 (so ψ' never overflows at a tiny
+    ``x``), ``x`` up to 8, and a safe 8 above (Stirling's series there)."""
+    return jnp.where(x < 1.0, x + 1.0, jnp.minimum(x, _STIRLING_MIN))
 
-    def tail(z):
-        r2 = 1.0 / (z * z)
-        return r2 / z * (1 / 6 - r2 * (1 / 30 - r2 * (1 / 42 - r2 / 30)))
 
-    xy = xb * yb
-    stirling = db / xy + db * (xb + yb) / (2.0 * xy * xy) + (tail(xb) - tail(yb))
-    return jnp.where(big, stirling, tri_x - tri_y)
+def _trigamma_excess(x, tri):
+    """``x² (ψ'(x) − 1/x)``, in (0, 1], with ``tri = ψ'(_trigamma_points(x))``: below 1 by
+    ``ψ'(x) = 1/x² + ψ'(x + 1)``, from 8 up by the asymptotic series ``1/2 + 1/(6x) − 1/(30x³)
+    + 1/(42x⁵) − 1/(30x⁷)``. (It carries the Fisher information's part beyond ``1/x``, scaled
+    so that neither a tiny nor a huge ``x`` overflows.)"""
+    big = x >= _STIRLING_MIN
+    xb = jnp.where(big, x, _STIRLING_MIN)
+    r = 1.0 / xb
+    r2 = r * r
+    series = 0.5 + r * (1 / 6 - r2 * (1 / 30 - r2 * (1 / 42 - r2 / 30)))
+    xs = jnp.where(big, 1.0, x)
+    small = jnp.where(xs < 1.0, 1.0 - xs + xs * xs * tri, xs * xs * tri - xs)
+    return jnp.where(big, series, small)
 
 
 def _neg_entropy_part(a, lg, psi):
@@ -806,11 +817,13 @@ def _kl_concentrations(cp, cq):
 
     (pm, rp), (qm, rq), (dm, dr) = split(cp), split(cq), split(delta)
     p0, q0 = pm + rp, qm + rq
-    near = _near(change[..., None], delta)
-    conc = _path(cp, near, cp.dtype)
-    (c_m, c_r), (n_m, n_r) = split(conc), split(near)
-    c_0 = c_m + c_r
-    sp = _special(lgamma=(cp, cq, p0, q0), digamma_=(cp, p0), trigamma=(conc, c_0))
+    # Near: relative steps t = δ/α at p (bounded there by the switch), so nothing overflows.
+    t_k = _near(change[..., None], delta) / cp
+    t_0 = jnp.sum(t_k * cp, -1) / p0
+    conc = _path(cp, t_k * cp, cp.dtype)
+    c_0 = jnp.sum(conc, -1)
+    sp = _special(lgamma=(cp, cq, p0, q0), digamma_=(cp, p0),
+                  trigamma=(_trigamma_points(conc), _trigamma_points(c_0)))
     (lg_p, lg_q, lg_p0, lg_q0), (psi_p, psi_p0), (tri, tri_0) = sp
     step_p = _digamma_step(pm, rp, p0, split(psi_p)[0], psi_p0)  # ψ(α_p0) − ψ(α_pm)
     bregman = (jnp.sum(jnp.where(is_m, 0.0, _lgamma_bregman(cp, delta, cq, lg_p, lg_q, psi_p)),
@@ -828,13 +841,16 @@ def _kl_concentrations(cp, cq):
                -_neg_entropy_total(p0, k, lg_p0, psi_p0), jnp.sum(lg_q, -1), -lg_q0,
                -jnp.sum((cq - 1.0) * dpsi, -1))
     direct = _fewer_digits_lost(bregman, entropy)
-    # δᵀ∇²Aδ = Σ δ_k² ψ'(α_k) − (Σ δ_k)² ψ'(α₀), split the same way (α₀ = α_m + r):
-    #   Σ_{k≠m} δ_k² ψ'(α_k) + δ_m² [ψ'(α_m) − ψ'(α₀)] − (2 δ_m + δ_r) δ_r ψ'(α₀),
-    # so that a dominant α_m's two terms do not cancel (Beta(3, 1e6) against Beta(3, 1e6 + 1)
-    # is 1.5e-12: ψ'(1e6) − ψ'(1e6 + 3) in float32 lost every digit).
-    quad = (jnp.sum(jnp.where(is_m, 0.0, jnp.square(near) * tri), -1)
-            + jnp.square(n_m) * _trigamma_step(c_m, c_r, c_0, split(tri)[0], tri_0)
-            - (2.0 * n_m + n_r) * n_r * tri_0)
+    # δᵀ∇²Aδ = Σ δ_k² ψ'(α_k) − δ₀² ψ'(α₀) (δ₀ = Σ δ_k) cancels terms of size δ²/α to a
+    # KL of size δ²/α² where q ≈ a rescaled p (Beta(1e6, 1e6) against Beta(1.4e6, 1.4e6):
+    # 0.0245 for 0.0318 in float32; found in review). With ψ'(x) = 1/x + h(x) it is
+    #   Σ_k α_k (δ_k/α_k − δ₀/α₀)² + Σ_k δ_k² h(α_k) − δ₀² h(α₀),
+    # whose first sum has no cancellation: α₀δ_k − α_kδ₀ = p₀δ_k − p_kδ₀ along the whole path,
+    # here p_k p₀ (t_k − t₀); the h terms are of size δ²/α².
+    lead = (t_k - t_0[..., None]) * (cp / conc) * (p0 / c_0)[..., None]
+    step_k, step_0 = t_k * cp / conc, t_0 * p0 / c_0
+    quad = (jnp.sum(conc * jnp.square(lead) + jnp.square(step_k) * _trigamma_excess(conc, tri),
+                    -1) - jnp.square(step_0) * _trigamma_excess(c_0, tri_0))
     return _kl_bregman(quad, change, direct)
 
 
@@ -856,9 +872,10 @@ def _kl_gamma(p, q):
     ap, bp, aq, bq = jnp.broadcast_arrays(p.concentration, p.rate, q.concentration, q.rate)
     da, db = aq - ap, bq - bp
     change = jnp.maximum(jnp.abs(da) / jnp.minimum(ap, aq), jnp.abs(db) / jnp.minimum(bp, bq))
-    na, nb = _near(change, da), _near(change, db)
-    a, b = _path(ap, na, ap.dtype), _path(bp, nb, ap.dtype)
-    (lg_p, lg_q), (psi_p,), (tri,) = _special(lgamma=(ap, aq), digamma_=(ap,), trigamma=(a,))
+    ta, tb = _near(change, da) / ap, _near(change, db) / bp  # relative steps, as for Dirichlet
+    a, b = _path(ap, ta * ap, ap.dtype), _path(bp, tb * bp, ap.dtype)
+    (lg_p, lg_q), (psi_p,), (tri,) = _special(lgamma=(ap, aq), digamma_=(ap,),
+                                              trigamma=(_trigamma_points(a),))
     # Far: with w = (β_q − β_p)/β_p, KL = B(α_p → α_q) + α_p (w − log1p w) − (α_q − α_p) log1p w,
     # B the Bregman divergence of log Γ.
     # (log1p(w) as log β_q − log β_p where |w| > 1/2: 1 + w rounds badly when β_q ≪ β_p.)
@@ -873,8 +890,10 @@ def _kl_gamma(p, q):
                -(aq - 1.0) * (psi_p - log_bp), bq * (ap / bp))
     direct = _fewer_digits_lost(bregman, entropy)
     # η = (α, −β), A = log Γ(α) − α log β: δ = (da, −db) and
-    # δᵀ∇²Aδ = da² ψ'(α) − 2 da db / β + db² α / β².
-    quad = jnp.square(na) * tri - 2.0 * na * nb / b + jnp.square(nb) * a / (b * b)
+    # δᵀ∇²Aδ = da² ψ'(α) − 2 da db / β + db² α / β² = α (da/α − db/β)² + da² h(α)
+    # (h = ψ' − 1/x, as for Dirichlet pairs), with da β − db α = da β_p − db α_p on the path.
+    lead = (ta - tb) * (ap / a) * (bp / b)
+    quad = a * jnp.square(lead) + jnp.square(ta * ap / a) * _trigamma_excess(a, tri)
     return _kl_bregman(quad, change, direct)
 
 
