@@ -33,13 +33,12 @@ Pairs overridden here, and why:
   cancel (to ~α ε² relative: float32's accuracy up to α ~ 1e10); farther apart, closed
   forms rearranged so that the log-normalizers are not subtracted whole (Bregman divergences
   of log Γ by Stirling's series, or −H(p) − E_p log q where p is the more concentrated),
-  whichever sums smaller terms. numpyro's read −71 for KL(Beta(3, 1e8)‖Beta(6, 1e8)) = 1.33.
-  Over 400 float32 pairs with parameters across e^-5..e^18: median relative error 3e-7,
-  worst 7e-4 to 4e-3 by seed (numpyro's: median 1.4e-4, worst 158). Still inaccurate in
-  float32: far pairs whose huge concentrations change by more than half while the mean
-  stays (their terms of size α cancel: Beta(1e6, 1e6)‖Beta(2e6, 2e6) reads 0 for 0.153),
-  and far pairs with a concentration below ~1e-3 (log Γ's rounding: Beta(0.3, 1e-7)‖
-  Beta(0.15, 1e-7) reads 1.3e-6 for 1.7e-7).
+  whichever sums smaller terms, and where every concentration is >= 8 a form from Stirling's
+  series whose terms are of the KL's own size. numpyro's read −71 for KL(Beta(3, 1e8)‖
+  Beta(6, 1e8)) = 1.33. Over 400 float32 pairs with parameters across e^-5..e^18: median
+  relative error 2e-7, worst 1.6e-4 (numpyro's: median 1.4e-4, worst 158); float64 worst
+  3e-11. Still inaccurate in float32: far pairs with a concentration below ~1e-3 (log Γ's
+  rounding: Beta(0.3, 1e-7)‖Beta(0.15, 1e-7) reads 1.3e-6 for 1.7e-7).
 - CategoricalProbs–CategoricalProbs: numpyro's gradient is NaN where ``p`` has a zero
   probability (``0 · log 0`` inside ``where``); here the masked terms are made safe first.
 
@@ -621,10 +620,10 @@ _BREGMAN_MAX_CHANGE = 0.5
 # (``_lgamma_bregman``) and of −log (``_log1p_gap``), each never negative and computed
 # without subtracting log-normalizers whole: numpyro's Σ log Γ form read −71 for
 # KL(Beta(3, 1e8)‖Beta(6, 1e8)) = 1.326 in float32 (found in review), where 1e8 + 3 is not
-# even a float32. Not solved: terms of size α still cancel to an O(1) KL when huge
-# concentrations change by more than half in a direction that keeps the mean (Gamma(1e8, 1)
-# against Gamma(2e8, 2)); there the error is ~1e-7 α. (Stirling's series gives forms without
-# that cancellation where every parameter is >= 8, prototyped in review, not yet here.)
+# even a float32. Those forms still cancel terms of size α to an O(1) KL where huge
+# concentrations change by more than half at the same mean (Gamma(1e8, 1) against
+# Gamma(2e8, 2)): where every concentration is >= 8, a form from Stirling's series is used
+# instead (``_kl_concentrations``, ``_kl_gamma``).
 # w − log1p(w) = 2 Σ_{n≥2} c_n v^n, v = w/(2 + w), c_n = 1 (n even), (n − 1)/n (n odd): for
 # |w| <= 1/2, |v| <= 1/3, and 40 terms reach float64's rounding.
 _GAP_COEFFS = tuple(2.0 * (1.0 if n % 2 == 0 else (n - 1.0) / n) for n in range(41, 1, -1))
@@ -797,6 +796,13 @@ def _fewer_digits_lost(terms_a, terms_b):
     return jnp.where(scale_a <= scale_b, sa, sb)
 
 
+def _stirling_bregman_rest(x, y):
+    """``R(y) − R(x) − (y − x) R'(x)``, ``R`` Stirling's remainder (``_stirling_rest``)."""
+    rest_x, d_rest_x = _stirling_rest(x)
+    rest_y, _ = _stirling_rest(y)
+    return rest_y - rest_x - (y - x) * d_rest_x
+
+
 def _kl_concentrations(cp, cq):
     """KL(Dir(cp)‖Dir(cq)), concentrations ``(..., K)``: A = Σ log Γ(α_k) − log Γ(α₀)."""
     cp, cq = jnp.broadcast_arrays(cp, cq)
@@ -841,6 +847,20 @@ def _kl_concentrations(cp, cq):
                -_neg_entropy_total(p0, k, lg_p0, psi_p0), jnp.sum(lg_q, -1), -lg_q0,
                -jnp.sum((cq - 1.0) * dpsi, -1))
     direct = _fewer_digits_lost(bregman, entropy)
+    # Where every concentration is >= 8, Stirling's series turns Σ_k B_k − B₀ into
+    #   Σ_k α_qk g(s_k) + ½ [Σ_k g(u_k) − g(u₀)] + Σ_k R_k − R₀,  g(w) = w − log1p(w),
+    # s_k = (α_pk/α_p0)/(α_qk/α_q0) − 1, u_k = α_qk/α_pk − 1 (using Σ_k α_qk s_k = 0): terms
+    # of the KL's own size even where huge concentrations change at the same mean (Beta(1e6,
+    # 1e6)‖Beta(2e6, 2e6) read 0 for 0.153; prototyped in review).
+    big = jnp.all(jnp.minimum(cp, cq) >= _STIRLING_MIN, -1)
+    x, y = jnp.where(big[..., None], cp, 8.0), jnp.where(big[..., None], cq, 8.0)
+    x0, y0 = jnp.where(big, p0, 16.0), jnp.where(big, q0, 16.0)
+    s = (x / x0[..., None]) * (y0[..., None] / y) - 1.0
+    log1p_s = jnp.log(x) - jnp.log(x0)[..., None] + jnp.log(y0)[..., None] - jnp.log(y)
+    stirling = (jnp.sum(y * _log1p_gap(s, log1p_s) + 0.5 * _log1p_gap(y / x - 1.0)
+                        + _stirling_bregman_rest(x, y), -1)
+                - 0.5 * _log1p_gap(y0 / x0 - 1.0) - _stirling_bregman_rest(x0, y0))
+    direct = jnp.where(big, stirling, direct)
     # δᵀ∇²Aδ = Σ δ_k² ψ'(α_k) − δ₀² ψ'(α₀) (δ₀ = Σ δ_k) cancels terms of size δ²/α to a
     # KL of size δ²/α² where q ≈ a rescaled p (Beta(1e6, 1e6) against Beta(1.4e6, 1.4e6):
     # 0.0245 for 0.0318 in float32; found in review). With ψ'(x) = 1/x + h(x) it is
@@ -889,6 +909,16 @@ def _kl_gamma(p, q):
     entropy = (-_neg_entropy_part(ap, lg_p, psi_p), log_bp, -aq * jnp.log(bq), lg_q,
                -(aq - 1.0) * (psi_p - log_bp), bq * (ap / bp))
     direct = _fewer_digits_lost(bregman, entropy)
+    # Where both shapes are >= 8, by Stirling's series (as for Dirichlet pairs):
+    #   KL = α_q g(s) + ½ g(u) + R,  s = mean_p/mean_q − 1, u = α_q/α_p − 1.
+    big = jnp.minimum(ap, aq) >= _STIRLING_MIN
+    x, y = jnp.where(big, ap, 8.0), jnp.where(big, aq, 8.0)
+    xb, yb = jnp.where(big, bp, 1.0), jnp.where(big, bq, 1.0)
+    s = (x / xb) * (yb / y) - 1.0
+    log1p_s = jnp.log(x) - jnp.log(xb) + jnp.log(yb) - jnp.log(y)  # where |s| > 1/2 (s ≈ −1)
+    stirling = (y * _log1p_gap(s, log1p_s) + 0.5 * _log1p_gap(y / x - 1.0)
+                + _stirling_bregman_rest(x, y))
+    direct = jnp.where(big, stirling, direct)
     # η = (α, −β), A = log Γ(α) − α log β: δ = (da, −db) and
     # δᵀ∇²Aδ = da² ψ'(α) − 2 da db / β + db² α / β² = α (da/α − db/β)² + da² h(α)
     # (h = ψ' − 1/x, as for Dirichlet pairs), with da β − db α = da β_p − db α_p on the path.
