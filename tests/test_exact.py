@@ -320,6 +320,8 @@ def test_bad_hyperparameters_and_counts_are_named():
         (lambda: exact.beta_binomial(np.array([2**24 + 1]), np.array([2**24])),
          r"successes\[0\] = 16777217 > trials\[0\] = 16777216"),
         (lambda: exact.gamma_poisson(np.array([2**24 + 0.5])), "counts must hold counts"),
+        (lambda: exact.beta_binomial(np.array([2**53 + 1]), np.array([2**53])),  # as integers
+         r"successes\[0\] = 9007199254740993 > trials\[0\] = 9007199254740992"),
         (lambda: exact.gamma_poisson(jnp.array([-1, 2])), "counts must hold counts"),
         (lambda: exact.dirichlet_categorical(jnp.array([3.0]), 1.0), "K >= 2 categories"),
         (lambda: exact.dirichlet_categorical(jnp.array([3.0, 1.0]), 0.0),
