@@ -458,11 +458,9 @@ def beta_binomial(successes, trials, a=1.0, b=1.0) -> ExactProblem:
             k64, n64 = k64.astype(np.float64), n64.astype(np.float64)
         if np.any(k64 > n64):
             i = int(np.argmax(k64 > n64))
-            def show(x):
-                return str(x.item()) if x.dtype.kind in "iu" else f"{x:.17g}"
-
             raise ValueError(f"beta_binomial: successes must not exceed trials; got "
-                             f"successes[{i}] = {show(k64[i])} > trials[{i}] = {show(n64[i])}.")
+                             f"successes[{i}] = {_show(k64[i])} > trials[{i}] = "
+                             f"{_show(n64[i])}.")
     a_post, b_post, log_ev = _in_float64(_beta_binomial_solve, dtype, successes, trials, a, b)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     post = _unconstrained_posterior(dist.Beta(a_post, b_post), constraints.unit_interval)

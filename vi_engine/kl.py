@@ -715,11 +715,9 @@ def _lgamma_bregman(x, d, y, lg_x, lg_y, psi_x):
     ``x, y >= 8`` by Stirling's series, as ``y (t − log1p t) + ½ (u − log1p u) + R`` with
     ``t = −d/y``, ``u = d/x``, where no term of size ``x log x`` appears; below 8, directly."""
     big, xb, db, yb = _stirling_inputs(x, d, y)
-    rest_x, d_rest_x = _stirling_rest(xb)
-    rest_y, _ = _stirling_rest(yb)
     log_ratio = jnp.log(yb) - jnp.log(xb)
     stirling = (yb * _log1p_gap(-db / yb, -log_ratio) + 0.5 * _log1p_gap(db / xb, log_ratio)
-                + (rest_y - rest_x - db * d_rest_x))
+                + _stirling_bregman_rest(xb, yb, db))
     return jnp.where(big, stirling, lg_y - lg_x - psi_x * d)
 
 
@@ -797,11 +795,21 @@ def _fewer_digits_lost(terms_a, terms_b):
     return jnp.where(scale_a <= scale_b, sa, sb)
 
 
-def _stirling_bregman_rest(x, y):
-    """``R(y) − R(x) − (y − x) R'(x)``, ``R`` Stirling's remainder (``_stirling_rest``)."""
+def _stirling_bregman_rest(x, y, d):
+    """``R(y) − R(x) − d R'(x)``, ``d = y − x``, ``R`` Stirling's remainder
+    (``_stirling_rest``)."""
     rest_x, d_rest_x = _stirling_rest(x)
     rest_y, _ = _stirling_rest(y)
-    return rest_y - rest_x - (y - x) * d_rest_x
+    return rest_y - rest_x - d * d_rest_x
+
+
+def _stirling_kl_term(x, y, s, log1p_s):
+    """``y g(s) + ½ g(y/x − 1) + R``, ``g(w) = w − log1p(w)``: one coordinate's part of the
+    Stirling forms of far Dirichlet and Gamma pairs (``_kl_concentrations``, ``_kl_gamma``),
+    ``x, y >= 8`` its concentrations at p and q, ``s`` its relative change of the mean
+    (``log1p_s``: ``log1p(s)`` from logs, see ``_log1p_gap``)."""
+    return (y * _log1p_gap(s, log1p_s) + 0.5 * _log1p_gap(y / x - 1.0)
+            + _stirling_bregman_rest(x, y, y - x))
 
 
 def _kl_concentrations(cp, cq):
@@ -858,9 +866,8 @@ def _kl_concentrations(cp, cq):
     x0, y0 = jnp.where(big, p0, 16.0), jnp.where(big, q0, 16.0)
     s = (x / x0[..., None]) * (y0[..., None] / y) - 1.0
     log1p_s = jnp.log(x) - jnp.log(x0)[..., None] + jnp.log(y0)[..., None] - jnp.log(y)
-    stirling = (jnp.sum(y * _log1p_gap(s, log1p_s) + 0.5 * _log1p_gap(y / x - 1.0)
-                        + _stirling_bregman_rest(x, y), -1)
-                - 0.5 * _log1p_gap(y0 / x0 - 1.0) - _stirling_bregman_rest(x0, y0))
+    stirling = (jnp.sum(_stirling_kl_term(x, y, s, log1p_s), -1)
+                - 0.5 * _log1p_gap(y0 / x0 - 1.0) - _stirling_bregman_rest(x0, y0, y0 - x0))
     direct = jnp.where(big, stirling, direct)
     # δᵀ∇²Aδ = Σ δ_k² ψ'(α_k) − δ₀² ψ'(α₀) (δ₀ = Σ δ_k) cancels terms of size δ²/α to a
     # KL of size δ²/α² where q ≈ a rescaled p (Beta(1e6, 1e6) against Beta(1.4e6, 1.4e6):
@@ -917,8 +924,7 @@ def _kl_gamma(p, q):
     xb, yb = jnp.where(big, bp, 1.0), jnp.where(big, bq, 1.0)
     s = (x / xb) * (yb / y) - 1.0
     log1p_s = jnp.log(x) - jnp.log(xb) + jnp.log(yb) - jnp.log(y)  # where |s| > 1/2 (s ≈ −1)
-    stirling = (y * _log1p_gap(s, log1p_s) + 0.5 * _log1p_gap(y / x - 1.0)
-                + _stirling_bregman_rest(x, y))
+    stirling = _stirling_kl_term(x, y, s, log1p_s)
     direct = jnp.where(big, stirling, direct)
     # η = (α, −β), A = log Γ(α) − α log β: δ = (da, −db) and
     # δᵀ∇²Aδ = da² ψ'(α) − 2 da db / β + db² α / β² = α (da/α − db/β)² + da² h(α)
