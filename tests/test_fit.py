@@ -1,5 +1,6 @@
 """The fit engine against exact posteriors: families, objectives, stopping, fit_many, guards."""
 
+import functools
 import importlib
 import warnings
 
@@ -620,6 +621,31 @@ def test_lowrank_spread_gap_is_the_spread_kl_above_the_family_optimum():
         assert abs(res.spread_gap.mean) < 0.02, res.spread_gap
 
 
+def _dense_grams(basis, wt):
+    """``Aᵀ diag(wt) A`` with ``A``'s columns the flattened ``basis`` ``(k, dim, dim)``."""
+    a = basis.reshape(len(basis), -1).T
+    return a.T @ (a * wt.reshape(-1, 1))
+
+
+@pytest.mark.parametrize("dim,rank", [(5, 1), (7, 3)])
+def test_lowrank_grams_in_closed_form_match_the_tangent_basis_formed(dim, rank):
+    # The directions a low-rank C = WWᵀ + diag D moves B = L⁻¹CL⁻ᵀ in, formed as matrices:
+    # L⁻¹e_ie_iᵀL⁻ᵀ (each D_i), then L⁻¹(w_je_aᵀ + e_aw_jᵀ)L⁻ᵀ (each W_aj, j major).
+    rng = np.random.default_rng(dim)
+    w = rng.standard_normal((dim, rank))
+    lo_inv = np.linalg.inv(np.linalg.cholesky(w @ w.T + np.diag(rng.uniform(0.5, 2.0, dim))))
+    eye = np.eye(dim)
+    basis = [lo_inv @ np.outer(eye[i], eye[i]) @ lo_inv.T for i in range(dim)]
+    basis += [lo_inv @ (np.outer(w[:, j], eye[a]) + np.outer(eye[a], w[:, j])) @ lo_inv.T
+              for j in range(rank) for a in range(dim)]
+    basis = np.array(basis)
+    wt = rng.uniform(0.1, 1.0, (dim, dim))
+    for weights in (wt + wt.T, np.ones((dim, dim))):
+        want = _dense_grams(basis, weights)
+        np.testing.assert_allclose(fit_module._lowrank_grams(lo_inv, w, weights), want,
+                                   rtol=1e-10, atol=1e-12 * np.abs(want).max())
+
+
 def test_lowrank_spread_gap_debiases_only_the_family_s_own_directions():
     # A rank-2 fit of a logistic regression (N = 25, d = 32; non-Gaussian, so the estimate
     # has noise). Debiasing the noise of all d² entries of M read −0.017 and −0.027 (seeds 0,
@@ -635,7 +661,8 @@ def test_lowrank_spread_gap_debiases_only_the_family_s_own_directions():
     v = np.random.default_rng(1).uniform(0.1, 1.0, (k, k))
     v = v + v.T
     np.testing.assert_allclose(
-        fit_module._projected_noise(basis, np.zeros((len(basis),) * 2), v), v.sum(), rtol=1e-12)
+        fit_module._projected_noise(functools.partial(_dense_grams, basis),
+                                    np.zeros((len(basis),) * 2), v), v.sum(), rtol=1e-12)
     d, n = 32, 25
     rng = np.random.default_rng(0)  # benchmarks.problems.logistic_data(0, 25, 32)
     x = rng.standard_normal((n, d)).astype(np.float32)

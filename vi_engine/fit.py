@@ -750,7 +750,7 @@ def _spread_runs(dim):
     return -(-_SPREAD_DRAWS_PER_DIM * dim // _CHECK_DRAWS)
 
 
-def _spread_gap(gw, eps, full, candidate=None, tangent=None):
+def _spread_gap(gw, eps, full, candidate=None, projected_noise=None):
     """``Estimate`` (nats) of the ELBO that moving q's spread to its optimum would gain, q's
     mean held, from the stationarity check's draws ``eps`` ``(..., n, dim)`` and the target's
     gradients there whitened by q's scale ``L``, ``gw = Lᵀ∇log p̃(μ + Lε)``
@@ -771,10 +771,11 @@ def _spread_gap(gw, eps, full, candidate=None, tangent=None):
     ``candidate`` (with ``full``): a function of ``M`` ``(..., dim, dim)`` giving the spread
     to move to, ``B`` (q's covariance whitened by ``L``), where the family's optimum is not
     ``M⁻¹`` (``_lowrank_spread_gap``); the gap is then ``½ (tr(M (I − B)) + log|B|)``, zero
-    for ``B = I``. ``tangent`` (with it): ``(..., k, dim, dim)`` symmetric matrices spanning
-    the directions the family can move ``B`` in; the noise debiased is then only its part
-    along them, ``¼ E‖P_T(M̂ − M)‖²`` (the plug-in gap's bias to second order: a family
-    cannot fit the noise off its own directions). Debiasing all ``dim²`` directions read
+    for ``B = I``. ``projected_noise`` (with it): a function of ``M`` and the noise's variances
+    ``v`` (both ``(..., dim, dim)``) giving ``4×`` the noise's part along the directions the
+    family can move ``B`` in, ``¼ E‖P_T(M̂ − M)‖²`` (``_projected_noise``: the plug-in gap's
+    bias to second order, since a family cannot fit the noise off its own directions), which
+    is the noise debiased then. Debiasing all ``dim²`` directions read
     −0.97 ± 0.44 for a rank-2 logistic fit (d = 32) 0.30 nats short (found in review).
 
     Computed on the host, in float64 NumPy, from the check's draws and gradients (a few d × d
@@ -829,10 +830,10 @@ def _spread_gap(gw, eps, full, candidate=None, tangent=None):
             d = np.where(ok[..., None], d, 1.0)
             gap = 0.5 * np.sum(d - 1 - np.log(d), -1)
             b = np.einsum("...i,ij->...ij", 0.5 * (1 - 1 / d), np.eye(dim))
-        if tangent is None:
+        if projected_noise is None:
             noise = 0.25 * np.sum(v, (-2, -1) if full else -1)
         else:
-            noise = 0.25 * _projected_noise(*tangent(np.where(ok[..., None, None], m, eye)), v)
+            noise = 0.25 * projected_noise(np.where(ok[..., None, None], m, eye), v)
         # First order: M̂ − M = −sym(Ecᵀ R)/n; its contraction with b is −Σ_k r_kᵀ b ε_k / n.
         t = np.sum((resid @ b) * ec, -1)
         var = (np.var(t, -1, ddof=1) / n
@@ -841,51 +842,72 @@ def _spread_gap(gw, eps, full, candidate=None, tangent=None):
     return Estimate(np.where(ok, gap - noise, np.nan), np.where(ok, np.sqrt(var), np.nan))
 
 
-def _projected_noise(tangent, curvature, v):
-    """The plug-in gap's bias to second order, ``4×``: ``tr((G − K)⁺ Aᵀ diag(w) A)`` for
-    symmetric noise ``ξ`` whose entries ``i <= j`` are independent with variances ``v``
-    ``(..., dim, dim)`` (``w = 2v`` off the diagonal, ``v`` on it), ``A`` the flattened
-    directions ``tangent`` ``(..., k, dim, dim)`` the family moves ``B`` in at ``B = I``
-    (``∂B/∂θ``), ``G = AᵀA`` and ``K`` (``curvature``, ``(..., k, k)``) the second-order
-    term ``tr((I − M) ∂²B/∂θ²)`` of a curved family. From ``f(M) = max_θ φ(M, θ)``: the gain
-    the search makes of ``ξ`` is ``½ gᵀ(−∂²φ)⁻¹g``, ``g = −½ Aᵀξ``, ``−∂²φ = ½ (G − K)``.
-    Directions where ``G − K`` is not positive (a factor's rotations, which repeat; or a
-    noisy ``M`` not at the family's optimum) are left out."""
+def _projected_noise(grams, curvature, v):
+    """The plug-in gap's bias to second order, ``4×``, for one problem:
+    ``tr((G − K)⁺ Aᵀ diag(w) A)`` for symmetric noise ``ξ`` whose entries ``i <= j`` are
+    independent with variances ``v`` ``(dim, dim)`` (``w = 2v`` off the diagonal, ``v`` on
+    it), ``A`` the ``k`` flattened directions ``(dim², k)`` the family moves ``B`` in at
+    ``B = I`` (``∂B/∂θ``), ``G = AᵀA``, and ``K`` (``curvature``, ``(k, k)``) the
+    second-order term ``tr((I − M) ∂²B/∂θ²)`` of a curved family. ``grams(wt)``: ``Aᵀ diag(wt)
+    A`` for a symmetric weight matrix ``wt`` ``(dim, dim)`` (``_lowrank_grams``; ``A`` itself,
+    ``dim²·k`` numbers, is never formed). From ``f(M) = max_θ φ(M, θ)``: the gain the search
+    makes of ``ξ`` is ``½ gᵀ(−∂²φ)⁻¹g``, ``g = −½ Aᵀξ``, ``−∂²φ = ½ (G − K)``. Directions
+    where ``G − K`` is not positive (a factor's rotations, which repeat; or a noisy ``M`` not
+    at the family's optimum) are left out."""
     dim = v.shape[-1]
-    a = np.swapaxes(tangent.reshape(*tangent.shape[:-2], dim * dim), -1, -2)  # (..., d², k)
-    hess = np.swapaxes(a, -1, -2) @ a - curvature
-    hess = 0.5 * (hess + np.swapaxes(hess, -1, -2))
+    hess = grams(np.ones((dim, dim))) - curvature
+    hess = 0.5 * (hess + hess.T)
     # ξ is symmetric: ⟨A_s, ξ⟩ counts each off-diagonal pair twice, so its entries weigh
     # 2 v_ij (v_ii on the diagonal); with a basis of all symmetric matrices this is Σ v.
-    w = 2.0 * v - v * np.eye(dim)
-    weighted = np.swapaxes(a * w.reshape(*w.shape[:-2], dim * dim, 1), -1, -2) @ a
+    weighted = grams(2.0 * v - v * np.eye(dim))
     lam, vecs = np.linalg.eigh(hess)
-    keep = lam > 1e-10 * np.max(np.abs(lam), -1, keepdims=True)
+    keep = lam > 1e-10 * np.max(np.abs(lam))
     inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
-    proj = np.swapaxes(vecs, -1, -2) @ weighted @ vecs
-    return np.sum(inv * np.diagonal(proj, axis1=-2, axis2=-1), -1)
+    return np.sum(inv * np.sum((vecs.T @ weighted) * vecs.T, -1))  # diag(VᵀWV) by BLAS
 
 
-def _lowrank_tangent(m, lo_inv, w):
-    """For ``C = WWᵀ + diag D`` whitened by ``lo``: the directions ``B`` moves in,
-    ``lo⁻¹ e_i e_iᵀ lo⁻ᵀ`` (each ``D_i``) and ``lo⁻¹ (w_j e_aᵀ + e_a w_jᵀ) lo⁻ᵀ`` (each
-    ``W_aj``), ``(..., dim + dim·rank, dim, dim)``, and ``K`` of ``_projected_noise``: the
-    only second derivatives are ``∂²C/∂W_aj∂W_bj = e_a e_bᵀ + e_b e_aᵀ``, so
-    ``K = I_rank ⊗ 2 (C⁻¹ − H)`` on the factor's block, ``H = lo⁻ᵀ M lo⁻¹`` (``m``: ``M``)."""
-    u = np.swapaxes(lo_inv, -1, -2)  # row i: lo⁻¹ e_i
-    x = np.swapaxes(lo_inv @ w, -1, -2)  # row j: lo⁻¹ w_j
-    diag = u[..., :, :, None] * u[..., :, None, :]
-    cross = x[..., :, None, :, None] * u[..., None, :, None, :]  # (..., r, d, d, d)
-    cross = cross + np.swapaxes(cross, -1, -2)
-    dim, rank = lo_inv.shape[-1], w.shape[-1]
-    tangent = np.concatenate([diag, cross.reshape(*cross.shape[:-4], -1, dim, dim)], -3)
-    lo_inv_t = np.swapaxes(lo_inv, -1, -2)
-    bend = 2.0 * (lo_inv_t @ (np.eye(dim) - m) @ lo_inv)
-    curvature = np.zeros((*bend.shape[:-2], dim * (1 + rank), dim * (1 + rank)))
-    for j in range(rank):
-        s = slice(dim * (1 + j), dim * (2 + j))
-        curvature[..., s, s] = bend
-    return tangent, curvature
+def _lowrank_grams(lo_inv, w, wt):
+    """``Aᵀ diag(wt) A`` (``_projected_noise``) for ``C = WWᵀ + diag D`` whitened by ``lo``
+    (one problem: ``lo_inv`` ``(dim, dim)``, ``w`` ``(dim, rank)``), ``A``'s columns the
+    directions ``B`` moves in: ``u_i u_iᵀ`` (each ``D_i``), then ``x_j u_aᵀ + u_a x_jᵀ`` (each
+    ``W_aj``, ``j`` major), ``u_i = lo⁻¹ e_i``, ``x_j = lo⁻¹ w_j``. In closed form, each
+    block a sum over ``wt``'s entries of products of those vectors (``wt`` symmetric):
+    O(d⁴ + r²d³) work and O(d³) memory where forming ``A`` took ``dim²·dim·(1 + rank)``
+    numbers (151 MB at d = 64, rank 8, 8 problems) and O(r²d⁵) work."""
+    dim, rank = w.shape
+    u = lo_inv.T  # row i: u_i
+    x = (lo_inv @ w).T  # row j: x_j
+    uu = u[:, None, :] * u[None, :, :]  # [i, i', k] = u_i[k] u_i'[k]
+    diag = np.sum((uu @ wt) * uu, -1)
+    ux = u[:, None, :] * x[None, :, :]  # [i, j, k] = u_i[k] x_j[k]
+    ux_w = ux @ wt
+    cross = 2.0 * ((ux_w * u[:, None, :]) @ u.T)  # [i, j, a]
+    xx = x[:, None, :] * x[None, :, :]  # [j, m, k]
+    t1 = ((xx @ wt).reshape(rank * rank, dim) @ uu.reshape(dim * dim, dim).T)
+    t1 = t1.reshape(rank, rank, dim, dim).transpose(0, 2, 1, 3)  # [j, a, m, b]
+    t2 = (ux_w.reshape(dim * rank, dim) @ ux.reshape(dim * rank, dim).T)
+    t2 = t2.reshape(dim, rank, dim, rank).transpose(1, 2, 3, 0)  # [b, j, a, m] → [j, a, m, b]
+    factor = 2.0 * (t1 + t2).reshape(rank * dim, rank * dim)
+    cross = cross.reshape(dim, rank * dim)
+    return np.block([[diag, cross], [cross.T, factor]])
+
+
+def _lowrank_projected_noise(m, v, lo_inv, w):
+    """``_projected_noise`` of a ``LowRank`` q, problem by problem (``m``, ``v``: ``(..., dim,
+    dim)``; ``lo_inv``, ``w`` as in ``_lowrank_spread_gap_batch``). ``K``: the only second
+    derivatives are ``∂²C/∂W_aj∂W_bj = e_a e_bᵀ + e_b e_aᵀ``, so ``K = I_rank ⊗ 2 (C⁻¹ − H)``
+    on the factor's block, ``H = lo⁻ᵀ M lo⁻¹``."""
+    dim, rank = w.shape[-2:]
+    out = np.empty(m.shape[:-2])
+    for i in np.ndindex(*m.shape[:-2]):
+        bend = 2.0 * (lo_inv[i].T @ (np.eye(dim) - m[i]) @ lo_inv[i])
+        curvature = np.zeros((dim * (1 + rank),) * 2)
+        for j in range(rank):
+            s = slice(dim * (1 + j), dim * (2 + j))
+            curvature[s, s] = bend
+        out[i] = _projected_noise(functools.partial(_lowrank_grams, lo_inv[i], w[i]),
+                                  curvature, v[i])
+    return out
 
 
 def _lowrank_spread_gap(g, dz, params):
@@ -933,7 +955,8 @@ def _lowrank_spread_gap_batch(g, dz, params):
     return _spread_gap(gw, eps, True,
                        functools.partial(_lowrank_best, lo=lo, lo_inv=lo_inv, rank=w.shape[-1],
                                          diag0=d),
-                       tangent=functools.partial(_lowrank_tangent, lo_inv=lo_inv, w=w))
+                       projected_noise=functools.partial(_lowrank_projected_noise,
+                                                         lo_inv=lo_inv, w=w))
 
 
 # Its search: alternating exact minimizations, W given D (eigenvectors, closed form) and D given
