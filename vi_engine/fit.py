@@ -830,21 +830,29 @@ def _spread_gap(gw, eps, full, candidate=None, projected_noise=None):
             d = np.where(ok[..., None], d, 1.0)
             gap = 0.5 * np.sum(d - 1 - np.log(d), -1)
             b = np.einsum("...i,ij->...ij", 0.5 * (1 - 1 / d), np.eye(dim))
+        # The noise's own part, ¼‖ξ‖² for noise ξ in M̂ (a quadratic form of Gaussian noise:
+        # mean ¼ tr, variance ⅛ tr of the square; ξ is symmetric, so an off-diagonal pair of
+        # entries counts twice in ‖ξ‖² and four times in its variance).
         if projected_noise is None:
             noise = 0.25 * np.sum(v, (-2, -1) if full else -1)
+            second = 0.125 * (np.sum(np.square(v), (-2, -1) if full else -1)
+                              + (np.sum(np.square(v), (-2, -1))
+                                 - np.sum(np.square(np.diagonal(v, axis1=-2, axis2=-1)), -1)
+                                 if full else 0.0))
         else:
-            noise = 0.25 * projected_noise(np.where(ok[..., None, None], m, eye), v)
+            mean4, sq = projected_noise(np.where(ok[..., None, None], m, eye), v)
+            noise, second = 0.25 * mean4, 0.125 * sq
         # First order: M̂ − M = −sym(Ecᵀ R)/n; its contraction with b is −Σ_k r_kᵀ b ε_k / n.
         t = np.sum((resid @ b) * ec, -1)
-        var = (np.var(t, -1, ddof=1) / n
-               + 0.125 * np.sum(np.square(v), (-2, -1) if full else -1))
+        var = np.var(t, -1, ddof=1) / n + second
     ok = ok & finite
     return Estimate(np.where(ok, gap - noise, np.nan), np.where(ok, np.sqrt(var), np.nan))
 
 
 def _projected_noise(grams, curvature, v):
-    """The plug-in gap's bias to second order, ``4×``, for one problem:
-    ``tr((G − K)⁺ Aᵀ diag(w) A)`` for symmetric noise ``ξ`` whose entries ``i <= j`` are
+    """The plug-in gap's bias to second order, ``4×``, for one problem, and ``8×`` its variance:
+    ``tr(S W)`` and ``tr((S W)²)``, ``S = (G − K)⁺``, ``W = Aᵀ diag(w) A``, for symmetric noise
+    ``ξ`` (``Aᵀξ`` has covariance ``W``) whose entries ``i <= j`` are
     independent with variances ``v`` ``(dim, dim)`` (``w = 2v`` off the diagonal, ``v`` on
     it), ``A`` the ``k`` flattened directions ``(dim², k)`` the family moves ``B`` in at
     ``B = I`` (``∂B/∂θ``), ``G = AᵀA``, and ``K`` (``curvature``, ``(k, k)``) the
@@ -863,7 +871,8 @@ def _projected_noise(grams, curvature, v):
     lam, vecs = np.linalg.eigh(hess)
     keep = lam > 1e-10 * np.max(np.abs(lam))
     inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
-    return np.sum(inv * np.sum((vecs.T @ weighted) * vecs.T, -1))  # diag(VᵀWV) by BLAS
+    proj = vecs.T @ weighted @ vecs
+    return np.sum(inv * np.diagonal(proj)), np.sum(inv[:, None] * inv[None, :] * proj**2)
 
 
 def _lowrank_grams(lo_inv, w, wt):
@@ -893,21 +902,21 @@ def _lowrank_grams(lo_inv, w, wt):
 
 
 def _lowrank_projected_noise(m, v, lo_inv, w):
-    """``_projected_noise`` of a ``LowRank`` q, problem by problem (``m``, ``v``: ``(..., dim,
-    dim)``; ``lo_inv``, ``w`` as in ``_lowrank_spread_gap_batch``). ``K``: the only second
-    derivatives are ``∂²C/∂W_aj∂W_bj = e_a e_bᵀ + e_b e_aᵀ``, so ``K = I_rank ⊗ 2 (C⁻¹ − H)``
-    on the factor's block, ``H = lo⁻ᵀ M lo⁻¹``."""
+    """``_projected_noise``'s pair of a ``LowRank`` q, problem by problem (``m``, ``v``:
+    ``(..., dim, dim)``; ``lo_inv``, ``w`` as in ``_lowrank_spread_gap_batch``). ``K``: the
+    only second derivatives are ``∂²C/∂W_aj∂W_bj = e_a e_bᵀ + e_b e_aᵀ``, so
+    ``K = I_rank ⊗ 2 (C⁻¹ − H)`` on the factor's block, ``H = lo⁻ᵀ M lo⁻¹``."""
     dim, rank = w.shape[-2:]
-    out = np.empty(m.shape[:-2])
+    mean, sq = np.empty(m.shape[:-2]), np.empty(m.shape[:-2])
     for i in np.ndindex(*m.shape[:-2]):
         bend = 2.0 * (lo_inv[i].T @ (np.eye(dim) - m[i]) @ lo_inv[i])
         curvature = np.zeros((dim * (1 + rank),) * 2)
         for j in range(rank):
             s = slice(dim * (1 + j), dim * (2 + j))
             curvature[s, s] = bend
-        out[i] = _projected_noise(functools.partial(_lowrank_grams, lo_inv[i], w[i]),
-                                  curvature, v[i])
-    return out
+        mean[i], sq[i] = _projected_noise(functools.partial(_lowrank_grams, lo_inv[i], w[i]),
+                                          curvature, v[i])
+    return mean, sq
 
 
 def _lowrank_spread_gap(g, dz, params):
