@@ -103,7 +103,7 @@ PAIRS = {
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_closed_form_matches_monte_carlo(name):
     p, q = PAIRS[name]
-    exact = kl_divergence(p, q)
+    exact = jax.jit(kl_divergence)(p, q)
     est, se = kl_estimate(p, q, jax.random.fold_in(KEY, len(name)), 100_000)
     assert exact.shape == est.shape == jnp.broadcast_shapes(p.batch_shape, q.batch_shape)
     assert bool(jnp.all(jnp.isfinite(exact))) and bool(jnp.all(exact >= -1e-6))
@@ -426,9 +426,10 @@ def test_inf_agrees_with_monte_carlo_and_reverse_is_finite():
 )
 def test_batch_shapes_broadcast(make):
     p, q = make((3, 1)), make((4,))
-    assert kl_divergence(p, q).shape == (3, 4)
-    assert kl_divergence(q, p).shape == (3, 4)
-    assert kl_divergence(make(()), q).shape == (4,)
+    shape = lambda a, b: jax.eval_shape(kl_divergence, a, b).shape  # noqa: E731 (traced only)
+    assert shape(p, q) == (3, 4)
+    assert shape(q, p) == (3, 4)
+    assert shape(make(()), q) == (4,)
 
 
 def test_mixed_gaussian_and_infinite_shapes():
@@ -779,9 +780,10 @@ def test_arrays_keep_discrete_meaning():
 
 def _loop_surprise(prior, obs, update):
     out, cur = [], prior
+    kl = jax.jit(kl_divergence)  # eagerly, a Beta KL's ~2,000 operations each dispatch alone
     for x in obs:
         nxt = update(cur, x)
-        out.append(kl_divergence(nxt, cur))
+        out.append(kl(nxt, cur))
         cur = nxt
     return jnp.stack(out), cur
 
@@ -842,6 +844,7 @@ def test_beta_gamma_dirichlet_pairs_are_accurate_in_float32_when_close_and_far()
     # Close pairs (a conjugate step at large counts): the closed form's cancellation, which
     # vi_engine's pairs avoid (``kl._kl_bregman``); far pairs: the closed form. Reference:
     # scipy in float64; Chi2 is a Gamma.
+    kl = jax.jit(vi.kl_divergence)  # one program per shape; eagerly ~2,000 dispatches
     from scipy.special import betaln, digamma, gammaln
 
     def kl_beta(a1, b1, a2, b2):
@@ -856,18 +859,18 @@ def test_beta_gamma_dirichlet_pairs_are_accurate_in_float32_when_close_and_far()
             (3001.0, 7000.0, 3001.0, 7001.0)]
     gamma = [(0.5, 2.0, 3.0, 0.2), (7.0, 0.1, 9.0, 0.12), (4001.0, 1000.0, 4004.0, 1001.0)]
     for a1, b1, a2, b2 in beta:
-        got = float(vi.kl_divergence(dist.Beta(a1, b1), dist.Beta(a2, b2)))
+        got = float(kl(dist.Beta(a1, b1), dist.Beta(a2, b2)))
         np.testing.assert_allclose(got, kl_beta(a1, b1, a2, b2), rtol=2e-5)
-        two = float(vi.kl_divergence(dist.Dirichlet(jnp.array([a1, b1])),
+        two = float(kl(dist.Dirichlet(jnp.array([a1, b1])),
                                      dist.Dirichlet(jnp.array([a2, b2]))))
         np.testing.assert_allclose(two, got, rtol=1e-6)
     for a1, b1, a2, b2 in gamma:
-        got = float(vi.kl_divergence(dist.Gamma(a1, b1), dist.Gamma(a2, b2)))
+        got = float(kl(dist.Gamma(a1, b1), dist.Gamma(a2, b2)))
         np.testing.assert_allclose(got, kl_gamma(a1, b1, a2, b2), rtol=2e-5)
-    np.testing.assert_allclose(float(vi.kl_divergence(dist.Chi2(3.0), dist.Chi2(4.0))),
+    np.testing.assert_allclose(float(kl(dist.Chi2(3.0), dist.Chi2(4.0))),
                                kl_gamma(1.5, 0.5, 2.0, 0.5), rtol=1e-5)
     # Gradients through both branches' selection: the closed form's, at a close pair.
-    g = jax.grad(lambda a: vi.kl_divergence(dist.Gamma(a, 2.0), dist.Gamma(3.0, 2.1)))(2.9)
+    g = jax.grad(lambda a: kl(dist.Gamma(a, 2.0), dist.Gamma(3.0, 2.1)))(2.9)
     fd = (kl_gamma(2.9 + 1e-6, 2.0, 3.0, 2.1) - kl_gamma(2.9 - 1e-6, 2.0, 3.0, 2.1)) / 2e-6
     np.testing.assert_allclose(float(g), fd, rtol=1e-3)
 
@@ -940,13 +943,14 @@ def test_beta_gamma_pairs_with_huge_or_lopsided_parameters_keep_float32_accuracy
     # Beta(0.25, 8e6)‖Beta(0.013, 0.096) = 2.16 and NaN for Gamma(2.5e4, 5.4e5)‖Gamma(0.017,
     # 0.0096) = 7.84; a near pair whose one concentration dominates lost every digit in
     # ψ'(1e6) − ψ'(1e6 + 3). Reference: mpmath (scipy's float64 closed form cancels too).
+    kl = jax.jit(vi.kl_divergence)  # one program per shape; eagerly ~2,000 dispatches
     cases = [(3.0, 1e8, 6.0, 1e8), (0.25394532, 8.138497e6, 0.01274217, 0.09571536),
              (1.4251352e6, 2.935601e7, 0.10525814, 174.58812), (19.242, 857.9256, 5.3779425e6,
                                                                  3.7623553e5),
              (3.0, 1e6, 3.0, 1e6 + 1.0), (0.001, 5.0, 0.002, 5.0001)]
     for c in cases:
         c32 = [float(np.float32(x)) for x in c]
-        got = float(vi.kl_divergence(dist.Beta(*c32[:2]), dist.Beta(*c32[2:])))
+        got = float(kl(dist.Beta(*c32[:2]), dist.Beta(*c32[2:])))
         np.testing.assert_allclose(got, _kl_beta64(*c32), rtol=2e-5, err_msg=str(c))
     dirichlet = [([0.3, 2.0, 5e6, 7.0], [0.05, 3.0, 10.0, 1.0]),
                  ([3.0, 4.0, 1e6], [3.0, 4.0, 1e6 + 1.0]),
@@ -954,7 +958,7 @@ def test_beta_gamma_pairs_with_huge_or_lopsided_parameters_keep_float32_accuracy
                  ([1e7, 2e7, 3e7], [0.5, 1.5, 2.0])]
     for cp, cq in dirichlet:
         cp, cq = np.float32(cp), np.float32(cq)
-        got = float(vi.kl_divergence(dist.Dirichlet(cp), dist.Dirichlet(cq)))
+        got = float(kl(dist.Dirichlet(cp), dist.Dirichlet(cq)))
         np.testing.assert_allclose(got, _kl_dirichlet64(cp, cq), rtol=2e-5, err_msg=str(cp))
     # Near pairs where q is about a rescaled p (the Fisher integral's terms of size δ²/α
     # cancelled to δ²/α²: Beta(1e6, 1e6)‖Beta(1.4e6, 1.4e6) read 0.0245 for 0.0318), and
@@ -967,23 +971,23 @@ def test_beta_gamma_pairs_with_huge_or_lopsided_parameters_keep_float32_accuracy
                     ((1e-20, 1.0, 1e-20, 1.0), 2e-5), ((1e6, 1e6, 2e6, 2e6), 2e-5),
                     ((1e10, 1e10, 1e6, 1e6), 1e-4), ((2.12e7, 1.23e7, 4.04e7, 2.34e7), 2e-4)]:
         c32 = [float(np.float32(x)) for x in c]
-        got = float(vi.kl_divergence(dist.Beta(*c32[:2]), dist.Beta(*c32[2:])))
+        got = float(kl(dist.Beta(*c32[:2]), dist.Beta(*c32[2:])))
         np.testing.assert_allclose(got, _kl_beta64(*c32), rtol=rtol, atol=1e-30, err_msg=str(c))
     cp = np.float32(np.exp(np.random.default_rng(3).uniform(0, 16, 5)))
     np.testing.assert_allclose(
-        float(vi.kl_divergence(dist.Dirichlet(cp), dist.Dirichlet(np.float32(1.3 * cp)))),
+        float(kl(dist.Dirichlet(cp), dist.Dirichlet(np.float32(1.3 * cp)))),
         _kl_dirichlet64(cp, np.float32(1.3 * cp)), rtol=2e-5)
     for c in [(1e6, 1e6, 1.1e6, 1.1e6), (1.0, 2e19, 1.0, 2.4e19), (1e15, 1e15, 1e15, 1.3e15),
               (1e8, 1.0, 2e8, 2.0), (1e10, 1e10, 1e6, 1e6), (1550.2, 6.1349e7, 2842.1, 0.62267)]:
         c32 = [float(np.float32(x)) for x in c]
-        got = float(vi.kl_divergence(dist.Gamma(*c32[:2]), dist.Gamma(*c32[2:])))
+        got = float(kl(dist.Gamma(*c32[:2]), dist.Gamma(*c32[2:])))
         np.testing.assert_allclose(got, _kl_gamma64(*c32), rtol=1e-4 if c[0] == 1e10 else 2e-5,
                                    err_msg=str(c))
     gamma = [(24815.447, 543693.25, 0.016968511, 0.0095931748), (1e8, 1.0, 1.6e8, 1.0),
              (1.4990343e7, 749872.25, 0.19033, 1.0592619), (3.0, 1.0, 1000.0, 2.0)]
     for c in gamma:
         c32 = [float(np.float32(x)) for x in c]
-        got = float(vi.kl_divergence(dist.Gamma(*c32[:2]), dist.Gamma(*c32[2:])))
+        got = float(kl(dist.Gamma(*c32[:2]), dist.Gamma(*c32[2:])))
         np.testing.assert_allclose(got, _kl_gamma64(*c32), rtol=2e-5, err_msg=str(c))
 
 
@@ -1013,30 +1017,31 @@ def test_beta_gamma_kl_gradients_match_finite_differences_in_each_branch():
     # (entropy terms), in float64; and no NaN from a branch not taken (a squared step of 3e19
     # overflows float32 in the quadrature, which a far pair does not use).
     with jax.enable_x64(True):
-        for d, ref, c in ((dist.Beta, _kl_beta64, (30.0, 70.0, 31.0, 72.0)),
-                          (dist.Beta, _kl_beta64, (3.0, 1e6, 9.0, 2e6)),
-                          (dist.Beta, _kl_beta64, (1.4e6, 2.9e7, 0.1, 175.0)),
-                          (dist.Gamma, _kl_gamma64, (4001.0, 1000.0, 4004.0, 1001.0)),
-                          (dist.Gamma, _kl_gamma64, (2.0, 0.5, 9.0, 3.0)),
-                          (dist.Gamma, _kl_gamma64, (1.5e7, 7.5e5, 0.19, 1.06))):
-            g = _kl_grad(d)(jnp.array(c))
-            for i in range(4):
-                h = 1e-6 * c[i]
-                up, dn = list(c), list(c)
-                up[i] += h
-                dn[i] -= h
-                np.testing.assert_allclose(float(g[i]), (ref(*up) - ref(*dn)) / (2 * h),
-                                           rtol=1e-4, atol=1e-9, err_msg=f"{d} {c} {i}")
-    g = jax.jit(jax.grad(lambda a: sum(vi.kl_divergence(d(a, 1.0), d(3e19, 1.0))
-                                       for d in (dist.Beta, dist.Gamma))))(2.0)
-    assert np.isfinite(float(g))
+        cases = {dist.Beta: (_kl_beta64, [(30.0, 70.0, 31.0, 72.0), (3.0, 1e6, 9.0, 2e6),
+                                          (1.4e6, 2.9e7, 0.1, 175.0)]),
+                 dist.Gamma: (_kl_gamma64, [(4001.0, 1000.0, 4004.0, 1001.0),
+                                            (2.0, 0.5, 9.0, 3.0), (1.5e7, 7.5e5, 0.19, 1.06)])}
+        for d, (ref, cs) in cases.items():
+            grads = jax.jit(jax.vmap(_kl_grad(d)))(jnp.array(cs))  # one program per family
+            for c, g in zip(cs, grads, strict=True):
+                for i in range(4):
+                    h = 1e-6 * c[i]
+                    up, dn = list(c), list(c)
+                    up[i] += h
+                    dn[i] -= h
+                    np.testing.assert_allclose(float(g[i]), (ref(*up) - ref(*dn)) / (2 * h),
+                                               rtol=1e-4, atol=1e-9, err_msg=f"{d} {c} {i}")
     # Nor from a product or quotient of the near branch's that overflowed or underflowed
-    # (review): far Beta(1, 2e19)‖Beta(1, 6e19), Gamma rates 1e-10 near and far.
-    g = jax.jit(jax.grad(lambda x: vi.kl_divergence(dist.Beta(x[0], x[1]), dist.Beta(1.0, 6e19))
-                         + vi.kl_divergence(dist.Gamma(2.0, x[2]), dist.Gamma(2.0, 3e-10))
-                         + vi.kl_divergence(dist.Gamma(2.0, x[2]), dist.Gamma(2.0, 1.1e-10))))(
-        jnp.array([1.0, 2e19, 1e-10]))
-    assert np.all(np.isfinite(np.asarray(g))), g
+    # (review): far Beta(1, 2e19)‖Beta(1, 6e19), Gamma rates 1e-10 near and far. (One program
+    # for all of these: each gradient of these KLs takes 1.5-3 s to compile.)
+    def far_and_tiny(a, x):
+        return (sum(vi.kl_divergence(d(a, 1.0), d(3e19, 1.0)) for d in (dist.Beta, dist.Gamma))
+                + vi.kl_divergence(dist.Beta(x[0], x[1]), dist.Beta(1.0, 6e19))
+                + vi.kl_divergence(dist.Gamma(2.0, x[2]), dist.Gamma(2.0, 3e-10))
+                + vi.kl_divergence(dist.Gamma(2.0, x[2]), dist.Gamma(2.0, 1.1e-10)))
+
+    g_a, g_x = jax.jit(jax.grad(far_and_tiny, argnums=(0, 1)))(2.0, jnp.array([1.0, 2e19, 1e-10]))
+    assert np.isfinite(float(g_a)) and np.all(np.isfinite(np.asarray(g_x))), (g_a, g_x)
 
 
 def test_long_float32_streams_keep_their_surprises_accurate_and_non_negative():
