@@ -823,6 +823,24 @@ def _stirling_kl_term(x, y, s, log1p_s):
             + _stirling_bregman_rest(x, y, y - x))
 
 
+def _compiled_when_eager(fn):
+    """``fn`` (of arrays), compiled as one program (per shape and dtype) when called eagerly,
+    and traced inline as it is inside a caller's jit, vmap or grad. Run op by op, the ~2,000
+    operations of a Beta KL each compiled and dispatched alone: a first KL of 500 pairs took
+    6.7 s and each later one 40 ms, against 1.9 s and 5 ms compiled (measured). Inline under
+    a transformation, since a jit inside ``grad`` compiled 10-20% slower (measured)."""
+    jitted = jax.jit(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if any(isinstance(a, jax.core.Tracer) for a in args):
+            return fn(*args)
+        return jitted(*args)
+
+    return wrapper
+
+
+@_compiled_when_eager
 def _kl_concentrations(cp, cq):
     """KL(Dir(cp)‖Dir(cq)), concentrations ``(..., K)``: A = Σ log Γ(α_k) − log Γ(α₀)."""
     cp, cq = jnp.broadcast_arrays(cp, cq)
@@ -908,7 +926,12 @@ def _kl_beta(p, q):
 
 @register_kl(Gamma, Gamma)
 def _kl_gamma(p, q):
-    ap, bp, aq, bq = jnp.broadcast_arrays(p.concentration, p.rate, q.concentration, q.rate)
+    return _kl_gamma_params(p.concentration, p.rate, q.concentration, q.rate)
+
+
+@_compiled_when_eager
+def _kl_gamma_params(ap, bp, aq, bq):
+    ap, bp, aq, bq = jnp.broadcast_arrays(ap, bp, aq, bq)
     da, db = aq - ap, bq - bp
     change = jnp.maximum(jnp.abs(da) / jnp.minimum(ap, aq), jnp.abs(db) / jnp.minimum(bp, bq))
     ta, tb = _near(change, da) / ap, _near(change, db) / bp  # relative steps, as for Dirichlet
