@@ -835,10 +835,11 @@ def _spread_gap(gw, eps, full, candidate=None, projected_noise=None):
         # entries counts twice in ‖ξ‖² and four times in its variance).
         if projected_noise is None:
             noise = 0.25 * np.sum(v, (-2, -1) if full else -1)
-            second = 0.125 * (np.sum(np.square(v), (-2, -1) if full else -1)
-                              + (np.sum(np.square(v), (-2, -1))
-                                 - np.sum(np.square(np.diagonal(v, axis1=-2, axis2=-1)), -1)
-                                 if full else 0.0))
+            if full:
+                second = 0.125 * (2.0 * np.sum(np.square(v), (-2, -1))
+                                  - np.sum(np.square(np.diagonal(v, axis1=-2, axis2=-1)), -1))
+            else:  # (v is the diagonal's alone here)
+                second = 0.125 * np.sum(np.square(v), -1)
         else:
             mean4, sq = projected_noise(np.where(ok[..., None, None], m, eye), v)
             noise, second = 0.25 * mean4, 0.125 * sq
@@ -911,9 +912,7 @@ def _lowrank_projected_noise(m, v, lo_inv, w):
     for i in np.ndindex(*m.shape[:-2]):
         bend = 2.0 * (lo_inv[i].T @ (np.eye(dim) - m[i]) @ lo_inv[i])
         curvature = np.zeros((dim * (1 + rank),) * 2)
-        for j in range(rank):
-            s = slice(dim * (1 + j), dim * (2 + j))
-            curvature[s, s] = bend
+        curvature[dim:, dim:] = np.kron(np.eye(rank), bend)  # one block per factor column
         mean[i], sq[i] = _projected_noise(functools.partial(_lowrank_grams, lo_inv[i], w[i]),
                                           curvature, v[i])
     return mean, sq

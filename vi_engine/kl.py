@@ -624,6 +624,7 @@ _BREGMAN_MAX_CHANGE = 0.5
 # concentrations change by more than half at the same mean (Gamma(1e8, 1) against
 # Gamma(2e8, 2)): where every concentration is >= 8, a form from Stirling's series is used
 # instead (``_kl_concentrations``, ``_kl_gamma``).
+_STIRLING_MIN = 8.0  # log Γ's Stirling remainder to 5 terms is ~1e-12 from here up
 # w − log1p(w) = 2 Σ_{n≥2} c_n v^n, v = w/(2 + w), c_n = 1 (n even), (n − 1)/n (n odd): for
 # |w| <= 1/2, |v| <= 1/3 (``_log1p_gap``; not narrower: XLA's float64 log1p is off by up to
 # ~40 ulp, measured, which w − log1p(w) amplifies: 180 ε at w = −0.4 with the series to 1/4).
@@ -637,7 +638,6 @@ def _gap_coeffs(dtype):
     eps = float(jnp.finfo(dtype).eps)
     top = 2 + math.ceil(math.log(eps / 4) / math.log(1 / 3))
     return tuple(2.0 * (1.0 if n % 2 == 0 else (n - 1.0) / n) for n in range(top, 1, -1))
-_STIRLING_MIN = 8.0  # log Γ's Stirling remainder to 5 terms is ~1e-12 from here up
 
 
 def _path(p, delta, dtype):
