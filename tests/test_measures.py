@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import jensenshannon
@@ -190,8 +190,13 @@ def test_gibbs_and_pinsker(p, q):
             assert math.isclose(ce, float(pq["h"]) + kl, rel_tol=1e-9, abs_tol=1e-12)
 
 
+_TINY = np.array([1.0] + [np.finfo(np.float64).tiny] * 4)  # half of it is subnormal (flushed)
+
+
 @PROPS
 @given(simplex(), simplex(), simplex())
+@example(_TINY, np.full(5, 0.2), np.eye(5)[0])  # found by hypothesis: the JSD of p, r was inf
+@example(np.eye(5)[0], _TINY, np.full(5, 0.2))
 def test_js_bounds_symmetry_triangle(p, q, r):
     with jax.enable_x64(True):
         pq, qp = pair_measures(p, q, E), pair_measures(q, p, E)

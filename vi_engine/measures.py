@@ -373,7 +373,9 @@ def _jsd(t: _Table, u: _Table, log_input):
     else:
         total = jnp.where(pos, t.prob + u.prob, 1)
         d = (t.prob - u.prob) / total
-        logm = jnp.log(0.5 * total)
+        # Not log(total / 2): half the smallest normal float is subnormal, which XLA's CPU code
+        # flushes to 0, and p log(p/m) became inf for p = 2.2e-308 against q = 0 (hypothesis).
+        logm = jnp.log(total) - math.log(2)
     d = jnp.where(both, d, jnp.where(t.pos, 1.0, -1.0))
     small = jnp.abs(d) <= 0.5
     d_in = jnp.where(small, d, 0)
