@@ -1395,7 +1395,10 @@ class _Deferred:
                       jax.threefry_partitionable(partitionable),
                       jax.default_matmul_precision(precision), _compile.gc_paused()):
                     lowered = self._traced.lower()
-                self._executable = _compile.compile_lowered(lowered, self._effort)
+                    effort = self._effort
+                    if not isinstance(effort, str):  # (its estimate reads threefry's setting)
+                        effort = _compile.choose(lowered, effort, self._traced.jaxpr)
+                self._executable = _compile.compile_lowered(lowered, effort)
                 self._traced = None
             return self._executable
 
@@ -1429,9 +1432,10 @@ def _executable(jitted, tag, *args, effort, compile_there=False):
                     future = _Deferred(jitted.trace(*args), effort)
             else:
                 with _compile.gc_paused():
-                    lowered = jitted.lower(*args)
+                    traced = jitted.trace(*args)
+                    lowered = traced.lower()
                 if not isinstance(effort, str):
-                    effort = _compile.choose(lowered, effort)
+                    effort = _compile.choose(lowered, effort, traced.jaxpr)
                 if compile_there:
                     future = _COMPILER.submit(_compile.compile_lowered, lowered, effort)
                 else:  # compiled below, outside the lock; other threads wait on the future
