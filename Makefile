@@ -36,10 +36,11 @@ $(STAMP): pyproject.toml Makefile
 # (tests/conftest.py: XLA_DEFAULTS); benchmarks keep the defaults.
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false
 # No persistent compilation cache: the tests compile thousands of small programs (4,700 in
-# test_fit.py and test_kl.py), and writing each one's executable to the cache cost more than its
-# few hundred hits saved (JAX's own count of the time saved came out negative). Measured on the
-# whole suite, one run each, 2 workers: 555 s with a per-worker cache, 484 s without (965 s ->
-# 841 s of user CPU time).
+# test_fit.py and test_kl.py), and JAX's own count of the compile time its hits saved there came
+# out negative (545 hits, -4.4 s: writing each executable costs more). On other files the hits
+# may pay: an interleaved A/B on test_exact, test_posteriordb, test_laplace and test_targets
+# read 111-115 s with a per-worker cache, 116-121 s without. Neither is a clear gain, so none:
+# the cache needed a directory per worker (JAX writes entries without a lock).
 test: install
 	VI_ENGINE_QUICK=1 XLA_FLAGS="$(TEST_XLA_FLAGS)" \
 	$(PY) -m pytest -n 2 --durations=15 tests --nbmake notebooks

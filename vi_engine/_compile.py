@@ -44,12 +44,11 @@ WINDOW = (("fast", 250_000), ("full", math.inf))
 ONCE = (("minimal", 2e8), ("fast", math.inf))
 
 
-def compile_lowered(lowered, effort="full", jaxpr=None):
+def compile_lowered(lowered, effort="full"):
     """Compile a ``jax.stages.Lowered`` with the compile effort ``effort``.
 
     ``effort``: ``"minimal"``, ``"fast"`` or ``"full"``, or tiers ``((effort, max_flops), ...)``:
-    the first tier whose limit covers XLA's flop count of the program (``choose``; ``jaxpr``,
-    the program's, saves asking XLA for it). The cheaper settings
+    the first tier whose limit covers XLA's flop count of the program. The cheaper settings
     apply on CPU only (not measured elsewhere), and only if this XLA knows them (they are debug
     options: an XLA without them compiles with its defaults).
 
@@ -61,7 +60,7 @@ def compile_lowered(lowered, effort="full", jaxpr=None):
     if jax.default_backend() != "cpu":
         return lowered.compile()
     if not isinstance(effort, str):
-        effort = choose(lowered, effort, jaxpr)
+        effort = choose(lowered, effort)
     options = OPTIONS[effort]
     if options is not None:
         try:
@@ -82,7 +81,8 @@ def choose(lowered, tiers, jaxpr=None):
     is asked only when the estimate is within a factor ``_MARGIN`` of a tier's limit, or when
     the program holds an operation the estimate does not know. The estimate stays within a
     factor 1.5 of XLA's count on vi_engine's programs (tested), so the effort is the one XLA's
-    count gives.
+    count gives; except for a program without flops (only moving data), which XLA gives no
+    count and the estimate 0: it gets the cheapest tier.
     """
     flops = None if jaxpr is None else jaxpr_flops(jaxpr)
     if flops is None or any(limit / _MARGIN < flops <= limit * _MARGIN
