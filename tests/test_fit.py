@@ -1237,6 +1237,7 @@ def test_cheaper_compilation_computes_the_same_window(xla_defaults):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.compile_effort
 def test_compile_effort_follows_the_window_flop_count(monkeypatch):
     # ~69k flops per step (plus 284k for the window's pre-drawn noise and 9k for its steps'
     # keys and checks, not counted: its tiers are raised by as much), and ~1.3M per step.
@@ -1270,6 +1271,7 @@ def _logistic(x, y):
     return vi.Target.from_log_density(log_density, x.shape[-1], data=(x, y))
 
 
+@pytest.mark.compile_effort
 def test_single_executable_effort_is_per_problem(monkeypatch):
     # The single executable of tol=None gets the tiers of a window; their limits are per
     # problem, so many small problems side by side get the cheaper compilation (same speed,
@@ -1335,6 +1337,7 @@ def _check_estimates(seen):
         assert effort == want
 
 
+@pytest.mark.compile_effort
 def test_the_flop_estimate_of_a_fit_s_programs_is_xla_s_count(monkeypatch):
     # choose() takes its flop count from the jaxpr, asking XLA (20-50 ms a program) only near a
     # tier's limit. The programs of fits until converged (windows, checks, final ELBOs, the
@@ -1401,6 +1404,7 @@ def test_no_flop_allowance_for_unmeasured_random_setups():
         assert fast_limit(jax.random.key(0)) == base["fast"]
 
 
+@pytest.mark.compile_effort
 @pytest.mark.parametrize("fixed", [False, True], ids=["windows", "single-executable"])
 def test_presampled_noise_gives_the_same_fit(gauss3, fixed, monkeypatch):
     # A window's noise drawn before its steps (within budget) or by each step (beyond): the
