@@ -341,3 +341,32 @@ def test_bad_hyperparameters_and_counts_are_named():
     for make, match in cases:
         with pytest.raises(ValueError, match=match):
             make()
+
+
+def test_problems_compile_at_the_least_effort_and_also_build_inside_transformations(
+        monkeypatch):
+    # exact's programs run once: on CPU their jit takes the "minimal" compile options
+    # (_compile.jit_once), which JAX allows on a top-level jit only. An option XLA does not know
+    # shows which path a call takes: the top-level one fails on it, a nested one never sees it.
+    import importlib
+
+    compile_module = importlib.import_module("vi_engine._compile")
+    monkeypatch.setitem(compile_module.OPTIONS, "minimal", {"xla_no_such_option_for_vi": True})
+    draw = compile_module.jit_once(lambda k, n: jax.random.normal(k, (n,)), static_argnums=1)
+    key = jax.random.key(0)
+    with pytest.raises(Exception, match="xla_no_such_option_for_vi"):
+        draw(key, 3)
+    inside = jax.jit(lambda k: draw(k, 3))(key)
+    np.testing.assert_array_equal(inside, jax.random.normal(key, (3,)))
+    assert jax.vmap(lambda k: draw(k, 3))(jax.random.split(key, 2)).shape == (2, 3)
+    monkeypatch.undo()
+    # The problems built under jit, vmap and grad are the top-level ones.
+    X = jax.random.normal(jax.random.key(1), (2, 30, 3))
+    y = jnp.sum(X, -1)
+    top = [float(exact.linear_regression(X[i], y[i]).log_evidence) for i in range(2)]
+    batched = jax.jit(jax.vmap(lambda a, b: exact.linear_regression(a, b).log_evidence))(X, y)
+    np.testing.assert_allclose(batched, top, rtol=1e-10)
+    g = jax.grad(lambda b: exact.linear_regression(X[0], b).log_evidence)(y[0])
+    assert g.shape == (30,) and bool(jnp.all(jnp.isfinite(g)))
+    made = jax.jit(lambda k: exact.make_gaussian(k, d=3).log_evidence)(key)
+    np.testing.assert_allclose(made, exact.make_gaussian(key, d=3).log_evidence, rtol=1e-10)

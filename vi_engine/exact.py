@@ -202,7 +202,7 @@ def normal_mean(y, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0) -> ExactProb
     return ExactProblem(target, post, log_ev, "normal_mean")
 
 
-@jax.jit
+@_compile.jit_once
 def _normal_mean_solve(y, m0, s0, sigma):
     n = y.shape[0]
     post_var = 1.0 / (1.0 / s0**2 + n / sigma**2)
@@ -229,7 +229,7 @@ def make_normal_mean(
     return normal_mean(y, prior_loc, prior_scale, noise_scale)._replace(true_params={"mu": mu})
 
 
-@partial(jax.jit, static_argnums=(1, 5))
+@partial(_compile.jit_once, static_argnums=(1, 5))
 def _draw_normal_mean(key, n, prior_loc, prior_scale, noise_scale, dtype):
     k1, k2 = jax.random.split(key)
     mu = prior_loc + prior_scale * jax.random.normal(k1, (), dtype)
@@ -283,7 +283,7 @@ def linear_regression(X, y, prior_scale=1.0, noise_scale=1.0) -> ExactProblem:
     return ExactProblem(target, post, log_ev, "linear_regression")
 
 
-@jax.jit
+@_compile.jit_once
 def _linreg_solve(X, y, s0, sigma):
     n, d = X.shape
     # Least squares on the stacked system [X/σ; I/s0] w ≈ [y/σ; 0], by QR: the normal equations'
@@ -307,7 +307,7 @@ def _linreg_solve(X, y, s0, sigma):
     return m, scale_tril, -0.5 * (n * _LOG_2PI + logdet + quad)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 5))
+@partial(_compile.jit_once, static_argnums=(1, 2, 5))
 def _draw_linear_regression(key, n, d, noise_scale, prior_scale, dtype):
     kx, kw, ke = jax.random.split(key, 3)
     X = jax.random.normal(kx, (n, d), dtype)
@@ -381,13 +381,13 @@ def gaussian(mean, cov, offset=0.0) -> ExactProblem:
     return ExactProblem(target, post, log_ev, "gaussian")
 
 
-@jax.jit
+@_compile.jit_once
 def _gaussian_solve(cov, offset):
     L = jnp.linalg.cholesky(cov)
     return L, offset + 0.5 * cov.shape[0] * _LOG_2PI + jnp.sum(jnp.log(jnp.diag(L)))
 
 
-@partial(jax.jit, static_argnums=(1, 3))
+@partial(_compile.jit_once, static_argnums=(1, 3))
 def _draw_gaussian(key, d, correlation, dtype):
     km, ks, kr, ko = jax.random.split(key, 4)
     mean = jax.random.normal(km, (d,), dtype)
@@ -473,7 +473,7 @@ def _betaln(a, b):
     return gammaln(a) + gammaln(b) - gammaln(a + b)
 
 
-@jax.jit
+@_compile.jit_once
 def _beta_binomial_solve(k, n, a, b):
     K, N = jnp.sum(k), jnp.sum(n)
     log_binom = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
@@ -481,7 +481,7 @@ def _beta_binomial_solve(k, n, a, b):
     return a + K, b + N - K, log_ev
 
 
-@partial(jax.jit, static_argnums=(1, 2, 5))
+@partial(_compile.jit_once, static_argnums=(1, 2, 5))
 def _draw_beta_binomial(key, n, trials, a, b, dtype):
     kp, kd = jax.random.split(key)
     p = jax.random.beta(kp, a, b, dtype=dtype)
@@ -531,7 +531,7 @@ def gamma_poisson(counts, a=1.0, b=1.0) -> ExactProblem:
     return ExactProblem(target, post, log_ev, "gamma_poisson")
 
 
-@jax.jit
+@_compile.jit_once
 def _gamma_poisson_solve(c, a, b):
     S, n = jnp.sum(c), c.shape[0]
     log_ev = (
@@ -544,7 +544,7 @@ def _gamma_poisson_solve(c, a, b):
     return a + S, b + n, log_ev
 
 
-@partial(jax.jit, static_argnums=(1, 4))
+@partial(_compile.jit_once, static_argnums=(1, 4))
 def _draw_gamma_poisson(key, n, a, b, dtype):
     kl, kc = jax.random.split(key)
     lam = jax.random.gamma(kl, a, dtype=dtype) / b
@@ -608,7 +608,7 @@ def dirichlet_categorical(counts, alpha) -> ExactProblem:
     return ExactProblem(target, post, log_ev, "dirichlet_categorical")
 
 
-@jax.jit
+@_compile.jit_once
 def _dirichlet_categorical_solve(c, alpha):
     return (
         gammaln(jnp.sum(alpha))
@@ -617,7 +617,7 @@ def _dirichlet_categorical_solve(c, alpha):
     )
 
 
-@partial(jax.jit, static_argnums=(1, 2, 4))
+@partial(_compile.jit_once, static_argnums=(1, 2, 4))
 def _draw_dirichlet_categorical(key, n, k, alpha, dtype):
     kp, kd = jax.random.split(key)
     alpha = jnp.full((k,), alpha, dtype)
