@@ -346,20 +346,42 @@ def test_bad_hyperparameters_and_counts_are_named():
 def test_problems_compile_at_the_least_effort_and_also_build_inside_transformations(
         monkeypatch):
     # exact's programs run once: on CPU their jit takes the "minimal" compile options
-    # (_compile.jit_once), which JAX allows on a top-level jit only. An option XLA does not know
-    # shows which path a call takes: the top-level one fails on it, a nested one never sees it.
+    # (_compile.jit_once), which JAX allows on a top-level jit only: which jit each call runs.
     import importlib
 
     compile_module = importlib.import_module("vi_engine._compile")
-    monkeypatch.setitem(compile_module.OPTIONS, "minimal", {"xla_no_such_option_for_vi": True})
-    draw = compile_module.jit_once(lambda k, n: jax.random.normal(k, (n,)), static_argnums=1)
+    calls, real_jit = [], jax.jit
+
+    def spy_jit(fun, **kw):
+        jitted, tag = real_jit(fun, **kw), kw.get("compiler_options")
+
+        def run(*args, **kwargs):
+            calls.append(tag)
+            return jitted(*args, **kwargs)
+
+        return run
+
+    def make(options):
+        with monkeypatch.context() as m:
+            m.setitem(compile_module.OPTIONS, "minimal", options)
+            m.setattr(jax, "jit", spy_jit)
+            return compile_module.jit_once(lambda k, n: jax.random.normal(k, (n,)),
+                                           static_argnums=1)
+
     key = jax.random.key(0)
-    with pytest.raises(Exception, match="xla_no_such_option_for_vi"):
-        draw(key, 3)
-    inside = jax.jit(lambda k: draw(k, 3))(key)
-    np.testing.assert_array_equal(inside, jax.random.normal(key, (3,)))
+    expected = jax.random.normal(key, (3,))
+    draw = make(compile_module.OPTIONS["minimal"])
+    np.testing.assert_array_equal(draw(key, 3), expected)
+    assert calls == [compile_module.OPTIONS["minimal"]]
+    np.testing.assert_array_equal(jax.jit(lambda k: draw(k, 3))(key), expected)
     assert jax.vmap(lambda k: draw(k, 3))(jax.random.split(key, 2)).shape == (2, 3)
-    monkeypatch.undo()
+    assert calls[1:] == [None, None]
+    # An XLA that does not know the options: its defaults, from then on.
+    calls.clear()
+    draw = make({"xla_no_such_option_for_vi": True})
+    np.testing.assert_array_equal(draw(key, 3), expected)
+    np.testing.assert_array_equal(draw(key, 3), expected)
+    assert calls == [{"xla_no_such_option_for_vi": True}, None, None]
     # The problems built under jit, vmap and grad are the top-level ones.
     X = jax.random.normal(jax.random.key(1), (2, 30, 3))
     y = jnp.sum(X, -1)
