@@ -9,7 +9,8 @@ _fit = importlib.import_module("vi_engine.fit")
 
 # XLA's own defaults on CPU (jaxlib 0.10: xla/debug_options_flags.cc), as compile options, which
 # override XLA_FLAGS: ``make test`` compiles with cheaper settings, and the tests that compare
-# against (or read) what a user's default compilation does ask for it with these.
+# against (or read) what a user's default compilation does ask for it with these. (Its one LLVM
+# module per program stays: that splits code generation only, not the HLO or the numbers.)
 XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
 
 

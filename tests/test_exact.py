@@ -1,6 +1,8 @@
 """Tests for vi_engine.exact: exact posteriors and evidences against independent references,
 and the seed's eq. 5, ELBO(q) = log p(D) − KL(q‖p*), checked on every problem."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -369,18 +371,19 @@ def test_problems_compile_at_the_least_effort_and_also_build_inside_transformati
                                            static_argnums=1)
 
     key = jax.random.key(0)
-    expected = jax.random.normal(key, (3,))
+    expected = jax.random.normal(key, (3,))  # (another effort: equal to an ulp or so)
+    same = functools.partial(np.testing.assert_allclose, rtol=1e-6)
     draw = make(compile_module.OPTIONS["minimal"])
-    np.testing.assert_array_equal(draw(key, 3), expected)
+    same(draw(key, 3), expected)
     assert calls == [compile_module.OPTIONS["minimal"]]
-    np.testing.assert_array_equal(jax.jit(lambda k: draw(k, 3))(key), expected)
+    same(jax.jit(lambda k: draw(k, 3))(key), expected)
     assert jax.vmap(lambda k: draw(k, 3))(jax.random.split(key, 2)).shape == (2, 3)
     assert calls[1:] == [None, None]
     # An XLA that does not know the options: its defaults, from then on.
     calls.clear()
     draw = make({"xla_no_such_option_for_vi": True})
-    np.testing.assert_array_equal(draw(key, 3), expected)
-    np.testing.assert_array_equal(draw(key, 3), expected)
+    same(draw(key, 3), expected)
+    same(draw(key, 3), expected)
     assert calls == [{"xla_no_such_option_for_vi": True}, None, None]
     # The problems built under jit, vmap and grad are the top-level ones.
     X = jax.random.normal(jax.random.key(1), (2, 30, 3))

@@ -1724,6 +1724,7 @@ def test_fit_many_matches_each_exact_posterior():
         assert kl_divergence(q_i, post) < 2e-3
 
 
+@pytest.mark.compile_effort  # (the replay's effort is the window's, not one of its own)
 @pytest.mark.parametrize("fixed_steps", [False, True], ids=["until-converged", "fixed-steps"])
 def test_fit_many_stops_only_the_problems_that_hit_a_nan(fixed_steps):
     # Finite only for z[0] < limit, mode at 3: problems 0 and 2 walk into the NaN region.

@@ -78,9 +78,10 @@ def jit_once(fun=None, *, static_argnums=None):
 
     Making the six problems of ``vi_engine.exact`` (``make_*``) in a fresh process took 12.3 s
     with XLA's defaults, 4.2 s so (linear regression N=500, d=20: 3.0 s -> 0.6 s), almost all
-    of it compiling. An XLA that does not know the options compiles with its defaults. Inside
-    another transformation (``jit``, ``vmap``) the program is part of the outer one and compiles
-    with it.
+    of it compiling. An XLA that does not know the options compiles with its defaults. Traced by
+    another transformation it is plain ``jax.jit``: under ``jit`` part of the outer program
+    (JAX refuses compile options on a nested jit), under a top-level ``vmap`` or ``grad``
+    compiled alone with XLA's defaults.
 
     >>> import jax.numpy as jnp
     >>> double = jit_once(lambda x: 2 * x)
