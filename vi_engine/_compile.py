@@ -108,6 +108,9 @@ def jit_once(fun=None, *, static_argnums=None):
                 if "No such compile option" not in str(err):
                     raise
                 known[0] = False
+            except ValueError as err:  # traced after all (a JAX where _tracing sees leaves only)
+                if "top-level" not in str(err):
+                    raise
         return plain(*args, **kwargs)
 
     return call
