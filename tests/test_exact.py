@@ -385,11 +385,12 @@ def test_problems_compile_at_the_least_effort_and_also_build_inside_transformati
     same(draw(key, 3), expected)
     same(draw(key, 3), expected)
     assert calls == [{"xla_no_such_option_for_vi": True}, None, None]
-    # A JAX whose trace state _tracing cannot read: JAX's refusal under jit still routes it.
+    # A JAX whose trace state tracing() cannot read: JAX's refusal under jit still routes it.
     calls.clear()
     draw = make(compile_module.OPTIONS["minimal"])
-    monkeypatch.setattr(compile_module, "_tracing", lambda tree: False)
-    same(jax.jit(lambda: draw(key, 3))(), expected)
+    with monkeypatch.context() as m:
+        m.setattr(compile_module, "tracing", lambda tree: False)
+        same(jax.jit(lambda: draw(key, 3))(), expected)
     assert calls == [compile_module.OPTIONS["minimal"], None]
     # The problems built under jit, vmap and grad are the top-level ones.
     X = jax.random.normal(jax.random.key(1), (2, 30, 3))

@@ -101,14 +101,14 @@ def jit_once(fun=None, *, static_argnums=None):
     @functools.wraps(fun)
     def call(*args, **kwargs):
         # Compile options are for a top-level jit only: JAX refuses them on a nested one.
-        if known[0] and jax.default_backend() == "cpu" and not _tracing((args, kwargs)):
+        if known[0] and jax.default_backend() == "cpu" and not tracing((args, kwargs)):
             try:
                 return cheap(*args, **kwargs)
             except jax.errors.JaxRuntimeError as err:
                 if "No such compile option" not in str(err):
                     raise
                 known[0] = False
-            except ValueError as err:  # traced after all (a JAX where _tracing sees leaves only)
+            except ValueError as err:  # traced after all (a JAX where tracing() sees leaves only)
                 if "top-level" not in str(err):
                     raise
         return plain(*args, **kwargs)
@@ -116,8 +116,14 @@ def jit_once(fun=None, *, static_argnums=None):
     return call
 
 
-def _tracing(tree) -> bool:
-    """Whether a JAX transformation is tracing the caller, or ``tree`` holds tracers."""
+def tracing(tree) -> bool:
+    """Whether a JAX transformation is tracing the caller, or ``tree`` holds tracers (the one
+    test of it: ``targets._under_transformation`` is this).
+
+    >>> import jax, jax.numpy as jnp
+    >>> tracing(jnp.ones(2)), bool(jax.jit(lambda x: tracing(()) * x)(1))
+    (False, True)
+    """
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree)):
         return True
     try:

@@ -30,6 +30,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.util import constrain_fn, potential_energy
 
+from vi_engine import _compile
 from vi_engine._compile import compile_lowered, gc_paused
 
 __all__ = ["Target", "Site"]
@@ -46,11 +47,7 @@ def _any_tracer(tree) -> bool:
 def _under_transformation(*trees) -> bool:
     """Whether a JAX transformation is tracing the caller, or ``trees`` hold tracers: a tracer
     may also hide in a closure (a log density over a traced value), which no leaf shows."""
-    try:
-        from jax._src.core import trace_state_clean  # no public equivalent in jax 0.10
-    except ImportError:  # pragma: no cover - a later JAX: the leaves still tell
-        return _any_tracer(trees)
-    return not trace_state_clean() or _any_tracer(trees)
+    return _compile.tracing(trees)
 
 
 def _is_array(x) -> bool:
