@@ -45,6 +45,11 @@ WINDOW = (("fast", 250_000), ("full", math.inf))
 ONCE = (("minimal", 2e8), ("fast", math.inf))
 
 
+# XLA's error for an option it does not know (the cheaper ones are debug options, which come
+# and go between releases): compile_lowered and jit_once then compile with XLA's defaults.
+_UNKNOWN_OPTION = "No such compile option"
+
+
 def compile_lowered(lowered, effort="full"):
     """Compile a ``jax.stages.Lowered`` with the compile effort ``effort``.
 
@@ -67,7 +72,7 @@ def compile_lowered(lowered, effort="full"):
         try:
             return lowered.compile(compiler_options=options)
         except jax.errors.JaxRuntimeError as err:
-            if "No such compile option" not in str(err):
+            if _UNKNOWN_OPTION not in str(err):
                 raise
     return lowered.compile()
 
@@ -105,7 +110,7 @@ def jit_once(fun=None, *, static_argnums=None):
             try:
                 return cheap(*args, **kwargs)
             except jax.errors.JaxRuntimeError as err:
-                if "No such compile option" not in str(err):
+                if _UNKNOWN_OPTION not in str(err):
                     raise
                 known[0] = False
             except ValueError as err:  # traced after all (a JAX where tracing() sees leaves only)
