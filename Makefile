@@ -51,9 +51,12 @@ TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitte
 # may pay: an interleaved A/B on test_exact, test_posteriordb, test_laplace and test_targets
 # read 111-115 s with a per-worker cache, 116-121 s without. Neither is a clear gain, so none:
 # the cache needed a directory per worker (JAX writes entries without a lock).
+# The notebooks first: xdist hands out tests in collection order and keeps two queued on each
+# worker, so long tests at the end (the notebooks take 9-27 s each) leave one worker idle while
+# the other finishes its queue; at the start they are balanced by what follows.
 test: install
 	VI_ENGINE_QUICK=1 XLA_FLAGS="$(TEST_XLA_FLAGS)" \
-	$(PY) -m pytest -n 2 --durations=15 tests --nbmake notebooks
+	$(PY) -m pytest -n 2 --durations=15 --nbmake notebooks tests
 
 bench: install
 	$(PY) -m benchmarks --quick
