@@ -24,13 +24,18 @@ install: $(STAMP)
 # The install is uv's: it fetches and unpacks the wheels in parallel and compiles their bytecode
 # on every core, where pip does one at a time. A clean install without a cache (CI's case) took
 # 44 s with pip (most of it compiling bytecode: 19 s without), 22 s with uv, installing uv
-# itself included. uv reads PyPI, not pip's configuration; should it fail, pip installs.
+# itself included. uv reads PyPI, not pip's configuration. Should it fail, pip installs into a
+# new venv (a failure part-way may have left packages that pip would take as installed), after
+# upgrading itself (the pip of a Python 3.10.0-3.10.2 venv cannot install this project
+# editable). `make install UV=false` takes that path.
 EXTRAS := ".[dev,notebooks,benchmarks,vae]" "ml_dtypes!=0.7.0"
+UV     ?= $(VENV)/bin/uv
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv && \
-	  $(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode -e $(EXTRAS) || \
-	  $(PY) -m pip install --quiet -e $(EXTRAS)
+	  $(UV) pip install --python $(PY) --quiet --compile-bytecode -e $(EXTRAS) || \
+	  { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && \
+	    $(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e $(EXTRAS); }
 	@touch $(STAMP)
 
 # Two workers: the tests are dominated by XLA compilation, which is single-threaded. The tests
@@ -51,9 +56,11 @@ TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitte
 # may pay: an interleaved A/B on test_exact, test_posteriordb, test_laplace and test_targets
 # read 111-115 s with a per-worker cache, 116-121 s without. Neither is a clear gain, so none:
 # the cache needed a directory per worker (JAX writes entries without a lock).
-# The notebooks first: xdist hands out tests in collection order and keeps two queued on each
-# worker, so long tests at the end (the notebooks take 9-27 s each) leave one worker idle while
-# the other finishes its queue; at the start they are balanced by what follows.
+# The notebooks first: xdist hands out tests in collection order (each worker first gets an
+# eighth of them, then refills), and at the end two at a time, so long tests last (the notebooks
+# take 9-27 s each) could leave one worker idle while the other finishes them; at the start they
+# are balanced by what follows. (test_benchmarks.py stays within one worker's first chunk: its
+# module fixture runs the --tiny suite once per worker that uses it.)
 test: install
 	VI_ENGINE_QUICK=1 XLA_FLAGS="$(TEST_XLA_FLAGS)" \
 	$(PY) -m pytest -n 2 --durations=15 --nbmake notebooks tests

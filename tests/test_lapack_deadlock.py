@@ -8,9 +8,10 @@ timeout, so a regression fails instead of hanging the suite:
 - the end-of-fit check of a target that factors a matrix (a Gaussian process's marginal
   likelihood over 120 points), for one problem (7 of 8 mean-field fits hung) and for a batch
   (``fit_many``: 2 of 4 hung, the mean gap's Hessian vmapped over problems);
-- the KL of 10^4 pairs of low-rank Gaussians (3 of 3 hung). Here 4,000 pairs, in about half
-  the time: without ``_compile.after`` there, 3 evaluations of the KL hung 2 of 3 times and 8
-  evaluations 4 of 4, 3 of its gradient 3 of 3 times (at 500 pairs the KL finished);
+- the KL of 10^4 pairs of low-rank Gaussians (3 of 3 hung). Here 4,000 pairs, which cost less
+  to draw, factor and compile for: without ``_compile.after``, 3 evaluations of the KL hung 2 of
+  3 times there and 8 evaluations 4 of 4 times, 3 evaluations of its gradient 3 of 3 times (at
+  500 pairs the KL finished), so the cases run 8 and 4;
 - its gradient (2 of 2 hung, against a low-rank q and against a full-rank q alike): the
   transposes of p's and q's factorizations, and JAX's two solves for one triangular solve's
   gradient, side by side.
