@@ -129,13 +129,24 @@ def tracing(tree) -> bool:
     >>> tracing(jnp.ones(2)), bool(jax.jit(lambda x: tracing(()) * x)(1))
     (False, True)
     """
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree)):
+    if any_tracer(tree):
         return True
     try:
         from jax._src.core import trace_state_clean  # no public equivalent in jax 0.10
     except ImportError:  # pragma: no cover - a later JAX: the leaves still tell
         return False
     return not trace_state_clean()
+
+
+def any_tracer(tree) -> bool:
+    """Whether a leaf of ``tree`` is a tracer (``tracing`` also sees a transformation of the
+    caller that no leaf shows, such as a tracer held in a closure).
+
+    >>> import jax, jax.numpy as jnp
+    >>> any_tracer({"a": jnp.ones(2)}), bool(jax.jit(lambda x: any_tracer(x) * x)(1))
+    (False, True)
+    """
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def choose(lowered, tiers, jaxpr=None):

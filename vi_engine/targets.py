@@ -30,8 +30,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from vi_engine import _compile
-from vi_engine._compile import compile_lowered, gc_paused
+from vi_engine._compile import any_tracer as _any_tracer
+from vi_engine._compile import compile_lowered, gc_paused, tracing
 
 __all__ = ["Target", "Site"]
 
@@ -40,14 +40,10 @@ def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _any_tracer(tree) -> bool:
-    return any(_is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _under_transformation(*trees) -> bool:
     """Whether a JAX transformation is tracing the caller, or ``trees`` hold tracers: a tracer
     may also hide in a closure (a log density over a traced value), which no leaf shows."""
-    return _compile.tracing(trees)
+    return tracing(trees)
 
 
 def _is_array(x) -> bool:
