@@ -35,6 +35,8 @@ _QUICK = {
         "steps": {100: 2000, 10_000: 500, 100_000: 100},
         "elbo_batch": 256,
         "learning_rate": 0.05,
+        # and rounds until each side has run this long: the N=100 calls take 6-9 ms
+        "min_seconds": 0.5,
     },
     "fit_many": {
         "batches": [1, 100, 1000],

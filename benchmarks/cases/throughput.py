@@ -77,12 +77,12 @@ def run(cfg, ctx) -> dict:
             "vi_engine": fit,
             "hand-written scan": lambda: run_scan(prm, st, key, p.data, steps),
             "numpyro SVI scan": lambda: svi_scan(state, p.data),
-        }, repeat=repeat)
+        }, repeat=repeat, min_seconds=cfg.get("min_seconds", 0.0))
         st_elbo = measure_many({
             "vi_engine": lambda: elbo_fn(key, params, p.target),
             "hand-written scan": lambda: elbo_evals(prm, key, p.data, K),
             "numpyro SVI scan": lambda: np_elbo(key, np_params, p.data),
-        }, repeat=repeat)
+        }, repeat=repeat, min_seconds=cfg.get("min_seconds", 0.0))
         for name in st_steps:
             entry["methods"][name] = _rates(st_steps[name], st_elbo[name], steps, K)
 
