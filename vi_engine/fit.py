@@ -1680,8 +1680,9 @@ class FitResult:
         such a mean by Newton steps (``fit``'s ``precondition``). NaN where that Hessian is not
         positive definite; ``None`` for other families, where d² exceeds the check's memory
         budget (d > 2048 for one problem), or with ``num_elbo_samples=0``.
-      spread_gap: for ``FullRank`` and ``MeanField`` q, an ``Estimate`` in nats of the ELBO
-        that moving q's spread to its optimum would gain, its mean held (``_spread_gap``:
+      spread_gap: for ``FullRank``, ``MeanField`` and ``LowRank`` q, an ``Estimate`` in nats
+        of the ELBO that moving q's spread to its optimum would gain, its mean held
+        (``_spread_gap``:
         ``½ Σ (λ − 1 − log λ)`` over the eigenvalues of q's scale-whitened expected Hessian
         ``E_q[Lᵀ H L]``, which is the identity at the optimum for any target; exact for a
         Gaussian target). Above ``SPREAD_GAP_LIMIT`` (0.1 nats, and three standard errors) a
@@ -1690,9 +1691,10 @@ class FitResult:
         one check's draws leave the verdict open (above the limit, within three standard
         errors), more check runs are pooled, up to 8 (2,048 draws). NaN where that matrix is
         not positive definite or a gradient not finite; ``None`` for other families, above
-        d = 127 (full-rank) or 64 (mean-field; the estimate needs 8·d draws: above d = 32,
-        2-4 check runs'), where the check's draws do not fit one batch of its memory budget
-        (``fit_many``: shared by the problems), or with ``num_elbo_samples=0``.
+        d = 127 (full-rank) or 64 (mean-field and low-rank; the estimate needs 8·d draws: above
+        d = 32, 2-4 check runs'; for low-rank q, a lower bound on a non-Gaussian target),
+        where the check's draws do not fit one batch of its memory budget (``fit_many``:
+        shared by the problems), or with ``num_elbo_samples=0``.
       family, target: what was fitted.
 
     >>> import jax, jax.numpy as jnp, vi_engine as vi

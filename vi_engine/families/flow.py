@@ -169,8 +169,10 @@ class Flow(Family):
     ``vi.fit`` uses a smaller step size than the Gaussian default and 16 draws per step for
     flows (``default_learning_rate``, ``default_num_samples``; the default STL estimator is
     fine). Measured: with Adam(0.05) and one draw the coupling nets diverge (funnel, banana);
-    with Adam(0.01) and 16 draws the flow reaches KL(q‖p) ≈ 0.001 on the 2-D banana and funnel
-    and matches full-rank on a Gaussian. So plain ``vi.fit(target, "flow", key=key)`` works.
+    with Adam(0.01) and 16 draws the flow reaches KL(q‖p) ≈ 0 on the 2-D banana (within its
+    ±1e-4), ≈ 0.005 on the funnel and 0.03 on a two-component mixture (full-rank: 0.57, 0.89,
+    0.69), and matches full-rank on a Gaussian. So plain ``vi.fit(target, "flow", key=key)``
+    works.
 
     >>> import jax, jax.numpy as jnp
     >>> fam = Flow(num_layers=2, hidden=(8,))
