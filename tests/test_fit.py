@@ -2001,6 +2001,64 @@ def test_elbo_checks_its_arguments(gauss3):
     assert np.isfinite(float(vi.elbo(key, "lowrank", p3, gauss3.target, 10).mean))
 
 
+def test_init_params_take_the_fits_dtype_and_must_be_finite(gauss3):
+    # Found in review: float32 init_params under x64 failed inside the compiled loop (its carry
+    # turned float64), or with tol=None ran the whole fit in float32; a NaN among them read as
+    # a fit that blew up at step 0.
+    key = jax.random.key(0)
+    with jax.enable_x64(True):
+        init = vi.MeanField().init(key, 3, jnp.float32)
+        for kw in ({}, {"tol": None, "num_steps": 30}):
+            res = vi.fit(gauss3.target, "meanfield", key=key, init_params=init, progress=False,
+                         num_elbo_samples=0, **kw)
+            assert res.params.loc.dtype == jnp.float64 and res.losses.dtype == jnp.float64
+        res = vi.fit_many(lambda m: vi.Target.from_log_density(
+            lambda z, m: -0.5 * jnp.sum((z - m) ** 2), 3, data=(m,)), jnp.ones((2, 3)),
+            family="meanfield", key=key, num_elbo_samples=0, progress=False,
+            init_params=jax.tree_util.tree_map(lambda a: np.stack([a, a]), init))
+        assert res.params.log_scale.dtype == jnp.float64
+        np.testing.assert_allclose(res.posterior.mean, np.ones((2, 3)), atol=0.05)
+    # NumPy float64 parameters in a float32 fit: cast on the host, the fit in float32.
+    init64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), init)
+    res = vi.fit(gauss3.target, "meanfield", key=key, init_params=init64, tol=None,
+                 num_steps=10, progress=False, num_elbo_samples=0)
+    assert res.params.loc.dtype == jnp.float32
+    bad = init._replace(loc=init.loc.at[1].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"init_params\.loc: 1 non-finite value\(s\) of 3"):
+        vi.fit(gauss3.target, "meanfield", key=key, init_params=bad)
+
+
+def test_fit_many_checks_that_each_log_density_is_a_float_scalar():
+    # Found in review: built under vmap, fit_many's targets skipped the test point check, and a
+    # log density without its sum was averaged into one number: all "converged", variances 2.
+    def make(m, sum_it=False):
+        fn = (lambda z, m: -0.5 * jnp.sum((z - m) ** 2)) if sum_it else (
+            lambda z, m: -0.5 * (z - m) ** 2)
+        return vi.Target.from_log_density(fn, 2, data=(m,), name="lp")
+
+    with pytest.raises(ValueError, match=r"Target 'lp': log_density\(z, \*data\) must return "
+                                         r"a scalar.*shape \(2,\).*problem batch of 3"):
+        vi.fit_many(make, jnp.ones((3, 2)), family="meanfield", key=jax.random.key(0))
+    ints = lambda m: vi.Target.from_log_density(lambda z, m: jnp.sum(m).astype(int), 2,
+                                                data=(m,))
+    with pytest.raises(TypeError, match="real floating-point scalar.*int"):
+        vi.fit_many(ints, jnp.ones((3, 2)), family="meanfield", key=jax.random.key(0))
+
+
+def test_classes_instead_of_objects_are_clear_errors(gauss3):
+    # Found in review: vi.IWAE (the class) has .loss, was accepted and failed inside the step.
+    with pytest.raises(TypeError, match=r"objective: .*the class IWAE; instantiate it"):
+        vi.fit(gauss3.target, objective=vi.IWAE, key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"family: .*the class MeanField; instantiate it"):
+        vi.fit(gauss3.target, vi.MeanField, key=jax.random.key(0))
+    # 0-d arrays are numbers, as NumPy scalars are (alpha was refused, num_particles taken)
+    assert vi.Renyi(alpha=jnp.float32(0.5)).alpha == 0.5
+    with pytest.raises(ValueError, match="alpha: expected a finite number"):
+        vi.Renyi(alpha=jnp.array(jnp.nan))
+    with pytest.raises(TypeError, match="dim must be an int; got True"):
+        vi.Target.from_log_density(lambda z: -jnp.sum(z**2), True)
+
+
 def test_fit_many_of_no_problems_is_a_clear_error():
     def make(m):
         return vi.Target.from_log_density(lambda z, m: -jnp.sum((z - m) ** 2), 2, data=(m,))

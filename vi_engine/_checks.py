@@ -1,5 +1,5 @@
-"""Checks of scalar options shared by the public API: a Python or NumPy number (an integer
-also as a concrete 0-d array), never a bool.
+"""Checks of scalar options shared by the public API: a Python or NumPy number, or a concrete
+0-d array, never a bool.
 
 Every option that configures a compiled program (``num_samples``, a family's ``rank``, a
 flow's widths...) is stored as a plain Python ``int`` or ``float``, so that two fits with the
@@ -19,9 +19,16 @@ import numpy as np
 
 
 def is_real(x) -> bool:
-    """A finite real number: Python or NumPy, not a bool."""
-    return (isinstance(x, (int, float, np.integer, np.floating))
-            and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
+    """A finite real number: Python or NumPy, or a concrete 0-d integer or float array (NumPy
+    or JAX, as ``is_int`` takes); not a bool."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return math.isfinite(x)
+    dtype = getattr(x, "dtype", None)
+    return (getattr(x, "ndim", None) == 0 and dtype is not None
+            and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+            and not isinstance(x, jax.core.Tracer) and math.isfinite(float(x)))
 
 
 def is_int(x) -> bool:

@@ -71,7 +71,7 @@ from vi_engine.objectives import (
     get_objective,
     warn_nonfinite,
 )
-from vi_engine.targets import Target, _under_transformation
+from vi_engine.targets import Target, _under_transformation, check_batch
 
 # Status codes, kept as int32 inside the compiled loop.
 RUNNING, CONVERGED, MAX_STEPS, NONFINITE = 0, 1, 2, 3
@@ -1872,11 +1872,36 @@ def _check_optimizer(optimizer):
     )
 
 
-def _check_init_params(family, init_params, dim, batch=None):
-    """``init_params``, if given, must have the structure and shapes of ``family.init(key,
-    dim)`` (with a leading ``batch`` axis on every leaf for ``fit_many``)."""
-    if init_params is not None:
-        check_params("init_params", family, init_params, dim, batch)
+def _check_init_params(family, init_params, dim, dtype, batch=None):
+    """``init_params`` in the fit's ``dtype`` (``None`` passes through). They must have the
+    structure and shapes of ``family.init(key, dim)`` (with a leading ``batch`` axis on every
+    leaf for ``fit_many``), floating-point, and finite where concrete. The dtype is the fit's,
+    whatever they came in: float32 parameters under x64 failed inside the compiled loop (its
+    carry turned float64) or, with ``tol=None``, ran the whole fit in float32; a NaN among them
+    read as a fit that blew up at step 0 (found in review)."""
+    if init_params is None:
+        return None
+    check_params("init_params", family, init_params, dim, batch)
+    want = jax.eval_shape(lambda k: family.init(k, dim, dtype), jax.random.key(0))
+
+    def cast(a, w):
+        if jnp.result_type(a) == w.dtype:
+            return a
+        if isinstance(a, jax.Array):  # a device array (or a tracer): converted there
+            return a.astype(w.dtype)
+        return np.asarray(a, w.dtype)  # on the host: no conversion program to compile
+
+    init_params = jax.tree_util.tree_map(cast, init_params, want)
+    if not _compile.any_tracer(init_params):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(init_params)[0]:
+            bad = ~np.isfinite(np.asarray(leaf))
+            if bad.any():
+                raise ValueError(
+                    f"init_params{jax.tree_util.keystr(path)}: {int(bad.sum())} non-finite "
+                    f"value(s) of {bad.size} (shape {np.shape(leaf)}); the fit starts from "
+                    "these parameters, so they must all be finite"
+                )
+    return init_params
 
 
 def _plan(num_steps, tol, progress, rule, max_steps):
@@ -2172,7 +2197,7 @@ def _fit(target, family, *, key, num_steps, optimizer, num_samples, objective, t
     cfg = _scale_defaults(cfg, target.dim, optimizer, num_samples)
     cfg = _with_presample(cfg, target.dim, None, key)
     dtype = _dtype()
-    _check_init_params(family, init_params, target.dim)
+    init_params = _check_init_params(family, init_params, target.dim, dtype)
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
     fixed = tol is None and not progress
     run = _optimize(cfg, None, target.dim, dtype, key, init_params, target, tol_arr, cap_arr,
@@ -2257,7 +2282,7 @@ def _fit_preconditioned(target, family, precondition, init_params, kwargs, warn_
                kwargs["max_steps"])
     _check_common(target, kwargs["key"], kwargs["tol"], kwargs["num_elbo_samples"])
     dtype = _dtype()
-    _check_init_params(family, init_params, target.dim)
+    init_params = _check_init_params(family, init_params, target.dim, dtype)
     if isinstance(precondition, str):
         if precondition != "laplace":
             raise ValueError(
@@ -2736,11 +2761,12 @@ def _fit_many(make_target, batched_args, *, family, key, num_steps, optimizer, n
     )
     targets = jax.vmap(make_target)(*batched_args)
     num_elbo_samples = _check_common(targets, key, tol, num_elbo_samples)
+    check_batch(targets, B)
     cfg = _scale_defaults(cfg, targets.dim, optimizer, num_samples)
     cfg = _with_presample(cfg, targets.dim, B, key)
     dtype = _dtype()
     tol_arr, cap_arr = _scalars(tol, cap, dtype)
-    _check_init_params(family, init_params, targets.dim, batch=B)
+    init_params = _check_init_params(family, init_params, targets.dim, dtype, batch=B)
     if precondition == "laplace":
         from vi_engine import preconditioning as lp
 

@@ -271,6 +271,11 @@ def get_objective(objective):
                 f"objective: unknown name {objective!r}; known: {', '.join(_NAMED)} "
                 "(or pass vi.ELBO(...), vi.IWAE(...), vi.Renyi(...))"
             ) from None
+    if isinstance(objective, type):  # a class has .loss too, and failed inside the fit
+        raise TypeError(
+            f"objective: expected an objective object, got the class {objective.__name__}; "
+            f"instantiate it: vi.{objective.__name__}(...)"
+        )
     if hasattr(objective, "loss"):
         return objective
     raise TypeError(

@@ -270,6 +270,8 @@ class Target:
                 f"from_log_density: log_density must be callable; got {type(log_density)}."
             )
         try:
+            if isinstance(dim, (bool, np.bool_)):  # an int to operator.index, not a dimension
+                raise TypeError
             dim = operator.index(dim)
         except TypeError:
             raise TypeError(
@@ -611,23 +613,49 @@ def _check_test_point(target: Target, what: str) -> None:
     _check_value(target, compile_lowered(lowered, "minimal")(*args), what)
 
 
-def _check_value(target: Target, value, what: str) -> None:
-    if _is_tracer(value):  # the function closes over traced values: skip, as numpyro does
-        return
-    shape = jnp.shape(value)
+def check_batch(targets: Target, batch: int) -> None:
+    """Check a batch of targets (``fit_many``'s, built under ``jax.vmap``, where
+    ``_check_test_point`` is skipped): each log density must return a real floating-point
+    scalar. From shapes and dtypes alone (``jax.eval_shape``): compiles and runs nothing, so
+    finiteness at ``z = 0`` is left to the fit's NaN guard.
+
+    >>> import jax, jax.numpy as jnp
+    >>> make = lambda mu: Target.from_log_density(lambda z, m: -0.5 * (z - m) ** 2, 2, data=(mu,))
+    >>> check_batch(jax.vmap(make)(jnp.zeros((3, 2))), 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: Target '<lambda>': log_density(z, *data) must return a scalar ...
+    """
+    if targets._spec is not None:
+        what = f"the log density of model {targets.name!r}"
+    else:
+        what = "log_density(z" + (", *data" if targets.data else "") + ")"
+    z0 = jnp.zeros((targets.dim,), _float_dtype(targets.data))
+    out = jax.eval_shape(jax.vmap(lambda t: t(z0)), targets)
+    _check_shape_dtype(targets, out.shape[1:], out.dtype, what, f" (problem batch of {batch})")
+
+
+def _check_shape_dtype(target, shape, dtype, what, where="", value=None):
     if shape != ():
         raise ValueError(
             f"Target {target.name!r}: {what} must return a scalar for z of shape "
             f"({target.dim},); at z = zeros({target.dim}) it returned shape {shape} "
-            f"(dtype {jnp.result_type(value)}). Sum over data points / dimensions inside it."
+            f"(dtype {dtype}){where}. Sum over data points / dimensions inside it."
         )
-    if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):
         # grad needs a real float: a complex, int or bool value failed later, inside the fit
+        shown = "" if value is None else f" (value {np.asarray(value)!r})"
         raise TypeError(
             f"Target {target.name!r}: {what} must return a real floating-point scalar; at "
-            f"z = zeros({target.dim}) it returned dtype {jnp.result_type(value)} (value "
-            f"{np.asarray(value)!r}). Return log p̃(z) as a float (jnp.real, .astype(float))."
+            f"z = zeros({target.dim}) it returned dtype {dtype}{shown}{where}. Return log p̃(z) "
+            "as a float (jnp.real, .astype(float))."
         )
+
+
+def _check_value(target: Target, value, what: str) -> None:
+    if _is_tracer(value):  # the function closes over traced values: skip, as numpyro does
+        return
+    _check_shape_dtype(target, jnp.shape(value), jnp.result_type(value), what, value=value)
     if not np.isfinite(np.asarray(value)):
         raise ValueError(
             f"Target {target.name!r}: {what} is not finite at the test point "

@@ -56,6 +56,11 @@ def get_family(family: str | Family) -> Family:
             module, attr = cls.split(":")
             cls = _REGISTRY[family] = getattr(importlib.import_module(module), attr)
         return cls()
+    if isinstance(family, type) and issubclass(family, Family):
+        raise TypeError(
+            f"family: expected a name (str) or a vi_engine Family object, got the class "
+            f"{family.__name__}; instantiate it: vi.{family.__name__}()"
+        )
     raise TypeError(
         f"family: expected a name (str) or a vi_engine Family, got {type(family).__name__}"
     )
