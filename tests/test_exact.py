@@ -402,3 +402,10 @@ def test_problems_compile_at_the_least_effort_and_also_build_inside_transformati
     assert g.shape == (30,) and bool(jnp.all(jnp.isfinite(g)))
     made = jax.jit(lambda k: exact.make_gaussian(k, d=3).log_evidence)(key)
     np.testing.assert_allclose(made, exact.make_gaussian(key, d=3).log_evidence, rtol=1e-10)
+
+
+def test_gaussian_offset_is_checked():
+    with pytest.raises(ValueError, match=r"offset must be a scalar; got shape \(3,\)"):
+        exact.gaussian(jnp.zeros(2), jnp.eye(2), offset=jnp.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="offset must be finite"):
+        exact.gaussian(jnp.zeros(2), jnp.eye(2), offset=jnp.nan)

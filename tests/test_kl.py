@@ -1151,3 +1151,81 @@ def test_poisson_pair_gradient_is_finite_at_rate_zero():
     assert float(f(0.0)) == 2.0 and np.isfinite(float(jax.grad(f)(0.0)))
     np.testing.assert_allclose(jax.grad(f)(1.0), math.log(0.5), rtol=1e-6)
     np.testing.assert_allclose(f(1.0), math.log(0.5) + 1.0, rtol=1e-6)
+
+
+# --- found in review (2026-12-03) ---
+def test_vmap_over_distribution_objects_keeps_the_mapped_shape():
+    # numpyro keeps batch_shape as static pytree data: under vmap a passed-in distribution
+    # kept the unmapped (3,), and the KL broadcast to it came out (3, 3), its sum 3x too big.
+    p = dist.Normal(jnp.array([0.0, 1.0, 2.0]), jnp.ones(3))
+    q = dist.Normal(jnp.zeros(3), jnp.ones(3))
+    want = np.array([0.0, 0.5, 2.0])
+    np.testing.assert_allclose(jax.vmap(kl_divergence)(p, q), want, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(vi.surprise)(q, p), want, atol=1e-6)
+    est = jax.vmap(lambda a, b: kl_estimate(a, b, jax.random.key(0), 100).estimate)(p, q)
+    assert est.shape == (3,)
+    mvn = dist.MultivariateNormal(jnp.zeros((4, 3)), scale_tril=jnp.broadcast_to(jnp.eye(3),
+                                                                                (4, 3, 3)))
+    diag = dist.Normal(jnp.ones((4, 3)), 2 * jnp.ones((4, 3))).to_event(1)
+    np.testing.assert_allclose(jax.vmap(kl_divergence)(mvn, diag), kl_divergence(mvn, diag),
+                               rtol=1e-6)
+
+
+# quad reports roundoff at the log singularity of one case; its value still agrees to 1e-8
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
+def test_kumaraswamy_beta_against_quadrature():
+    # numpyro's series stops at 10 terms: KL(Kumaraswamy(1, 0.5)‖Beta(1, 3)) read 2.13, and
+    # Kumaraswamy(1, b) is Beta(1, b), whose KL is 3.208.
+    def quad(a, b, al, be):
+        def f(x):
+            lk = math.log(a * b) + (a - 1) * math.log(x) + (b - 1) * math.log1p(-x**a)
+            return math.exp(lk) * (lk - scipy.stats.beta.logpdf(x, al, be))
+        return scipy.integrate.quad(f, 0, 1, limit=500, epsabs=1e-10, epsrel=1e-9)[0]
+
+    for a, b, al, be in [(1.0, 0.5, 1.0, 3.0), (2.0, 3.0, 1.5, 2.5), (3.0, 0.2, 0.5, 5.0),
+                         (1.5, 10.0, 3.0, 3.0), (0.3, 2.0, 0.3, 0.7)]:
+        got = float(kl_divergence(dist.Kumaraswamy(a, b), dist.Beta(al, be)))
+        np.testing.assert_allclose(got, quad(a, b, al, be), rtol=2e-5)
+    np.testing.assert_allclose(kl_divergence(dist.Kumaraswamy(1.0, 0.5), dist.Beta(1.0, 3.0)),
+                               kl_divergence(dist.Beta(1.0, 0.5), dist.Beta(1.0, 3.0)), rtol=1e-5)
+
+
+def test_close_lowrank_pairs_are_never_negative_in_float32():
+    rng = np.random.default_rng(5)
+    d, r = 20, 3
+    w = rng.normal(size=(d, r)).astype(np.float32)
+    diag = rng.uniform(1e-3, 1e-2, d).astype(np.float32)
+    w2 = (w[None] * (1 + 1e-5 * rng.normal(size=(30, d, r)))).astype(np.float32)
+    kl = kl_divergence(dist.LowRankMultivariateNormal(np.zeros(d, np.float32), w2, diag),
+                       dist.LowRankMultivariateNormal(np.zeros(d, np.float32), w, diag))
+    # exact: ~4e-7 each; float32's floor on this path is ~1e-5 (the module's comment)
+    assert kl.shape == (30,) and np.all(kl >= 0) and np.all(kl < 5e-5)
+
+
+def test_binomial_kl_edge_cases():
+    p0, q0 = dist.Binomial(0, probs=0.5), dist.Binomial(0, probs=0.0)
+    assert float(kl_divergence(p0, q0)) == 0.0  # one outcome each side (was 0 · inf = NaN)
+    with pytest.raises(KLNotImplementedError, match="p.total_count < q.total_count"):
+        kl_divergence(dist.Binomial(3, probs=0.5), dist.Binomial(5, probs=0.5))
+
+
+def test_mixed_dtype_gaussians_under_x64():
+    with jax.enable_x64(True):
+        p = dist.MultivariateNormal(jnp.zeros(2), jnp.eye(2))
+        q = dist.MultivariateNormal(jnp.ones(2, jnp.float32), 2 * jnp.eye(2, dtype=jnp.float32))
+        want = 0.5 * (2 * 0.5 + 2 * 0.5 - 2 + 2 * math.log(2.0))  # tr + quad − d + log det ratio
+        np.testing.assert_allclose(float(kl_divergence(p, q)), want, rtol=1e-6)
+
+
+def test_streaming_normal_takes_one_obs_scale_per_stream():
+    obs = jnp.array([0.3, -1.2, 2.0])
+    scales = jnp.array([0.5, 1.0, 2.0])
+    got = streaming_surprise(dist.Normal(0.0, 1.0), obs, obs_scale=scales)
+    each = np.stack([streaming_surprise(dist.Normal(0.0, 1.0), obs, obs_scale=float(s))
+                     for s in scales], 1)
+    np.testing.assert_allclose(got, each, rtol=1e-6)
+    # T observations of one stream, a prior of batch (T,): the stream is shared, not read
+    # across the batch (NumPy's broadcasting put the new axis first)
+    got = streaming_surprise(dist.Beta(jnp.ones(3), 1.0), jnp.array([1.0, 0.0, 1.0]))
+    one = streaming_surprise(dist.Beta(1.0, 1.0), jnp.array([1.0, 0.0, 1.0]))
+    np.testing.assert_allclose(got, np.broadcast_to(one[:, None], (3, 3)), rtol=1e-6)

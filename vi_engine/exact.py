@@ -358,6 +358,10 @@ def gaussian(mean, cov, offset=0.0) -> ExactProblem:
     if cov.shape != (d, d):
         raise ValueError(f"gaussian: cov must have shape ({d}, {d}); got {cov.shape}.")
     offset = jnp.asarray(offset, dtype)
+    if jnp.ndim(offset) != 0:
+        raise ValueError(f"gaussian: offset must be a scalar; got shape {jnp.shape(offset)}.")
+    if not isinstance(offset, jax.core.Tracer) and not np.isfinite(np.asarray(offset)):
+        raise ValueError(f"gaussian: offset must be finite; got {float(offset)}.")
     if not isinstance(cov, jax.core.Tracer):
         # jnp.linalg.cholesky uses (cov + cov.T) / 2: a grossly asymmetric cov (a Cholesky
         # factor, a typo) would be taken as some other matrix without a word. Rounding in a
