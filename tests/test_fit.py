@@ -2039,6 +2039,12 @@ def test_fit_many_checks_that_each_log_density_is_a_float_scalar():
     with pytest.raises(ValueError, match=r"Target 'lp': log_density\(z, \*data\) must return "
                                          r"a scalar.*shape \(2,\).*problem batch of 3"):
         vi.fit_many(make, jnp.ones((3, 2)), family="meanfield", key=jax.random.key(0))
+    # B restarts of one problem: a target without batched leaves (check_batch's vmap needs
+    # its axis size then; found in review)
+    same = vi.Target.from_log_density(lambda z: -0.5 * jnp.sum(z**2), 2)
+    res = vi.fit_many(lambda i: same, jnp.arange(3.0), family="meanfield", key=jax.random.key(0),
+                      tol=None, num_steps=20, progress=False, num_elbo_samples=0)
+    assert res.posterior.batch_shape == (3,)
     ints = lambda m: vi.Target.from_log_density(lambda z, m: jnp.sum(m).astype(int), 2,
                                                 data=(m,))
     with pytest.raises(TypeError, match="real floating-point scalar.*int"):

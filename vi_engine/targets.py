@@ -631,7 +631,9 @@ def check_batch(targets: Target, batch: int) -> None:
     else:
         what = "log_density(z" + (", *data" if targets.data else "") + ")"
     z0 = jnp.zeros((targets.dim,), _float_dtype(targets.data))
-    out = jax.eval_shape(jax.vmap(lambda t: t(z0)), targets)
+    # axis_size: a make_target that ignores its arguments gives a target without batched
+    # leaves (B restarts of one problem, found in review)
+    out = jax.eval_shape(jax.vmap(lambda t: t(z0), axis_size=batch), targets)
     _check_shape_dtype(targets, out.shape[1:], out.dtype, what, f" (problem batch of {batch})")
 
 
